@@ -1,0 +1,18 @@
+// pybind11 bindings of dowser._C. Python (dowser/_registry.py) declares the torch.library ops
+// and routes each device to these functions, so this file only exposes them.
+#include <omp.h>
+
+#include "dowser.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dowser C++ ops (CPU/OpenMP, and CUDA when built with it)";
+#ifdef DOWSER_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.def("omp_max_threads", []() { return omp_get_max_threads(); });
+  m.def("pack_mask_cpu", &dowser::pack_mask_cpu, "pack a bool mask into int32 words", py::arg("mask"));
+  m.def("unpack_mask_cpu", &dowser::unpack_mask_cpu, "unpack int32 words into a flat bool mask",
+        py::arg("packed"), py::arg("numel"));
+}

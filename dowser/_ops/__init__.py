@@ -1,0 +1,7 @@
+"""Op declarations and their backends, one op family per module.
+
+Importing this package declares every op with torch.library and registers its kernels.
+The public functions live in dowser.ops.
+"""
+
+from dowser._ops import pack  # noqa: F401

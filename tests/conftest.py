@@ -1,0 +1,43 @@
+"""Shared test setup: Triton in interpreter mode on CPU-only hosts, gpu/slow markers, backends."""
+
+import os
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run in its interpreter. This must be set before triton is first
+# imported (importing torch does not import it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dowser import _registry  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def backend_fn(op: str, backend: str, device: str = "cpu"):
+    """The `backend` kernel of `op` on `device`, or skip the test saying why it is unusable."""
+    impl = _registry._IMPLS.get(op, {}).get(backend)
+    if impl is None:
+        pytest.skip(f"{op} has no {backend} kernel")
+    dev = torch.device(device).type
+    if dev not in impl.devices and backend != "reference":
+        pytest.skip(f"{op}/{backend} does not run on {dev}")
+    why = impl.unavailable(dev)
+    if why is not None:
+        pytest.skip(f"{op}/{backend} unavailable on {dev}: {why}")
+    return impl.fn
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param

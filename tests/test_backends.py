@@ -1,0 +1,111 @@
+"""Backend choice, backend_info(), and the fallbacks when dowser._C is missing."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import dowser
+from dowser import _registry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-W", "always", "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=600)
+
+
+def test_backend_info_names_every_op_and_a_reason():
+    info = dowser.backend_info()
+    assert "_C" in info and "pack_mask" in info
+    for op, per_device in info.items():
+        if op == "_C":
+            continue
+        assert per_device["cpu"]["backend"] in _registry.BACKENDS
+        assert per_device["cpu"]["why"]
+
+
+def test_built_extension_is_used_when_present():
+    from dowser import _ext
+
+    if _ext.info()["how"] != "built":
+        pytest.skip(f"dowser._C not built here: {_ext.info()['reason']}")
+    assert dowser.backend_info()["pack_mask"]["cpu"]["backend"] == "cpp"
+
+
+def test_forced_backend_and_bad_forced_backend(monkeypatch):
+    monkeypatch.setenv("DOWSER_BACKEND", "reference")
+    impl, why = _registry.choose("pack_mask", "cpu")
+    assert impl.backend == "reference" and "DOWSER_BACKEND" in why
+    monkeypatch.setenv("DOWSER_BACKEND", "fortran")
+    with pytest.raises(ValueError, match="DOWSER_BACKEND"):
+        _registry.choose("pack_mask", "cpu")
+
+
+def test_disabled_extension_falls_back_with_one_warning():
+    proc = _run("""
+        import torch, dowser
+        m = torch.rand(33, 97) < 0.5
+        p = dowser.ops.pack_mask(m)
+        assert torch.equal(dowser.ops.unpack_mask(p, m.shape), m)
+        print("BACKEND", dowser.backend_info()["pack_mask"]["cpu"]["backend"])
+    """, DOWSER_DISABLE_CPP="1")
+    assert proc.returncode == 0, proc.stderr
+    assert "BACKEND reference" in proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if "RuntimeWarning: dowser:" in line]
+    assert len(warnings) == 1 and "DOWSER_DISABLE_CPP=1" in warnings[0], proc.stderr
+
+
+def test_missing_extension_without_jit_falls_back_with_cause():
+    proc = _run("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "dowser._C":
+                    raise ImportError("blocked by the test")
+        sys.meta_path.insert(0, Block())
+        import dowser
+        print("BACKEND", dowser.backend_info()["pack_mask"]["cpu"]["backend"])
+    """, DOWSER_DISABLE_JIT="1")
+    assert proc.returncode == 0, proc.stderr
+    assert "BACKEND reference" in proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if "RuntimeWarning: dowser:" in line]
+    assert len(warnings) == 1 and "blocked by the test" in warnings[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_missing_extension_is_jit_built():
+    from torch.utils.cpp_extension import verify_ninja_availability
+
+    try:
+        verify_ninja_availability()
+    except RuntimeError:
+        pytest.skip("ninja is not installed")
+    proc = _run("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "dowser._C":
+                    raise ImportError("blocked by the test")
+        sys.meta_path.insert(0, Block())
+        import torch, dowser
+        info = dowser.backend_info()
+        print("HOW", info["_C"]["how"], "BACKEND", info["pack_mask"]["cpu"]["backend"])
+        m = torch.rand(70) < 0.5
+        assert torch.equal(dowser.ops.unpack_mask(dowser.ops.pack_mask(m), m.shape), m)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "HOW jit BACKEND cpp" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_cli_info_and_selfcheck():
+    for cmd in ("info", "selfcheck"):
+        proc = subprocess.run([sys.executable, "-m", "dowser.cli", cmd], capture_output=True,
+                              text=True, cwd=ROOT, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    assert "pack_mask" in proc.stdout and "ok" in proc.stdout

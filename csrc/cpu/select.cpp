@@ -1,0 +1,412 @@
+// CPU scores and exact bottom-k selection into bit-packed masks (issue 4, DESIGN.md §2).
+//
+// S_ij = |W_ij| * sum_b P[i,b] * A[b,j], P = Psi^T * w / sum(w) (prepared in Python, fp32).
+// The selection never holds S: every pass recomputes score rows with the same code
+// (`score_rows`), so the mask is exactly the k smallest of this backend's own scores.
+//   pass 1: histogram of the top 16 bits of the order-preserving key of each score;
+//   pass 2: collect (low 16 bits, global index) of the entries in the threshold bin when
+//           they are few (<= n/64), then nth_element finds the k-th (key, index) exactly;
+//           else (heavy ties) histogram the low 16 bits, count ties per row, find the cut row;
+//   pass 3: write the words: bit = key < T or (key == T and index <= cut).
+// Threads own contiguous row ranges (static, by element count), so per-thread counts from one
+// pass are valid offsets in the next.
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "../dowser.h"
+
+namespace dowser {
+namespace {
+
+constexpr int64_t V = 8;  // floats per vector
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+constexpr int RB = 4;  // rows computed together (reuse of each A vector)
+
+struct Layer {
+  const char* w;       // weight data
+  at::ScalarType dtype;
+  int64_t s0, s1;      // strides in elements
+  int64_t rows, cols, cols_pad;
+  const float* p;      // (rows, B) row factors
+  std::vector<float> a;  // (B, cols_pad) column factors, zero padded
+  int64_t B;
+  int64_t offset;      // global flat index of entry (0, 0)
+  uint32_t* out;       // packed words (zeroed)
+};
+
+inline uint32_t key_of(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits << 1) == 0) bits = 0;  // -0.0 ranks as +0.0
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// |W| of row i as fp32 into dst[0, cols_pad) (zero padded).
+void abs_row(const Layer& L, int64_t i, float* dst) {
+  const int64_t c = L.cols;
+  switch (L.dtype) {
+    case at::kFloat: {
+      const float* src = reinterpret_cast<const float*>(L.w) + i * L.s0;
+      if (L.s1 == 1)
+        for (int64_t j = 0; j < c; ++j) dst[j] = std::fabs(src[j]);
+      else
+        for (int64_t j = 0; j < c; ++j) dst[j] = std::fabs(src[j * L.s1]);
+      break;
+    }
+    case at::kBFloat16: {
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(L.w) + i * L.s0;
+      for (int64_t j = 0; j < c; ++j) {
+        uint32_t bits = static_cast<uint32_t>(src[j * L.s1] & 0x7FFFu) << 16;
+        std::memcpy(dst + j, &bits, 4);
+      }
+      break;
+    }
+    case at::kHalf: {
+      const at::Half* src = reinterpret_cast<const at::Half*>(L.w) + i * L.s0;
+      for (int64_t j = 0; j < c; ++j) dst[j] = std::fabs(static_cast<float>(src[j * L.s1]));
+      break;
+    }
+    case at::kDouble: {
+      const double* src = reinterpret_cast<const double*>(L.w) + i * L.s0;
+      for (int64_t j = 0; j < c; ++j) dst[j] = static_cast<float>(std::fabs(src[j * L.s1]));
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "dowser select: unsupported weight dtype");
+  }
+  for (int64_t j = c; j < L.cols_pad; ++j) dst[j] = 0.f;
+}
+
+// Scores of rows i0 .. i0+NR-1 into s[r * cols_pad + j]. Each score is
+// ((p0*a0 + p1*a1) + ...) * |w|, the same sequence of fp32 roundings for every entry whatever
+// NR or the pass (the vector body covers the zero padding too, so there is no scalar tail).
+template <int NR>
+void score_rows_t(const Layer& L, int64_t i0, float* absw, float* s) {
+  const int64_t cp = L.cols_pad, B = L.B;
+  for (int r = 0; r < NR; ++r) abs_row(L, i0 + r, absw + r * cp);
+  const float* p[NR];
+  for (int r = 0; r < NR; ++r) p[r] = L.p + (i0 + r) * B;
+  const float* a = L.a.data();
+  for (int64_t j = 0; j < cp; j += V) {
+    v8f acc[NR];
+    v8f a0;
+    std::memcpy(&a0, a + j, sizeof(v8f));
+    for (int r = 0; r < NR; ++r) acc[r] = p[r][0] * a0;
+    for (int64_t b = 1; b < B; ++b) {
+      v8f ab;
+      std::memcpy(&ab, a + b * cp + j, sizeof(v8f));
+      for (int r = 0; r < NR; ++r) {
+        v8f prod = p[r][b] * ab;
+        acc[r] = acc[r] + prod;
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      v8f w;
+      std::memcpy(&w, absw + r * cp + j, sizeof(v8f));
+      v8f out = acc[r] * w;
+      std::memcpy(s + r * cp + j, &out, sizeof(v8f));
+    }
+  }
+}
+
+// Global row g -> (layer, row). Rows of all layers in order.
+struct Rows {
+  std::vector<Layer>* layers;
+  std::vector<int64_t> start;  // first global row of each layer (+ total)
+  int64_t total = 0;
+  int64_t max_cols_pad = 0;
+  void locate(int64_t g, int& l, int64_t& i) const {
+    l = static_cast<int>(std::upper_bound(start.begin(), start.end(), g) - start.begin()) - 1;
+    i = g - start[l];
+  }
+};
+
+// Contiguous global row ranges per thread, balanced by element count.
+std::vector<int64_t> partition(const Rows& R, int nt) {
+  std::vector<Layer>& Ls = *R.layers;
+  int64_t n = 0;
+  for (auto& L : Ls) n += L.rows * L.cols;
+  std::vector<int64_t> cut(nt + 1, R.total);
+  cut[0] = 0;
+  int64_t acc = 0, g = 0;
+  int t = 1;
+  for (size_t l = 0; l < Ls.size() && t < nt; ++l) {
+    for (int64_t i = 0; i < Ls[l].rows && t < nt; ++i, ++g) {
+      while (t < nt && acc >= n * t / nt) cut[t++] = g;
+      acc += Ls[l].cols;
+    }
+  }
+  while (t < nt) cut[t++] = R.total;
+  return cut;
+}
+
+// Calls fn(layer, row, scores_of_row) for every row of [g0, g1) in order, computing rows in
+// blocks of RB within a layer.
+template <class Fn>
+void for_rows(const Rows& R, int64_t g0, int64_t g1, std::vector<float>& absw,
+              std::vector<float>& s, Fn&& fn) {
+  int64_t g = g0;
+  while (g < g1) {
+    int l;
+    int64_t i;
+    R.locate(g, l, i);
+    const Layer& L = (*R.layers)[l];
+    const int64_t in_layer = std::min(g1 - g, L.rows - i);
+    int64_t r = 0;
+    for (; r + RB <= in_layer; r += RB) {
+      score_rows_t<RB>(L, i + r, absw.data(), s.data());
+      for (int q = 0; q < RB; ++q) fn(L, i + r + q, s.data() + q * L.cols_pad);
+    }
+    for (; r < in_layer; ++r) {
+      score_rows_t<1>(L, i + r, absw.data(), s.data());
+      fn(L, i + r, s.data());
+    }
+    g += in_layer;
+  }
+}
+
+void atomic_or(uint32_t* p, uint32_t v) {
+  if (v) __atomic_fetch_or(p, v, __ATOMIC_RELAXED);
+}
+
+// Write the mask bits of one row: bit = key < T or (key == T and global index <= cut).
+void write_row(const Layer& L, int64_t i, const float* s, uint32_t T, int64_t cut) {
+  const int64_t c = L.cols;
+  const int64_t f0 = i * c;  // flat index of the row's first entry
+  const int64_t gbase = L.offset + f0;
+  int64_t j = 0;
+  while (j < c) {
+    const int64_t f = f0 + j;
+    const int64_t word = f >> 5;
+    const int bit0 = static_cast<int>(f & 31);
+    const int64_t m = std::min<int64_t>(32 - bit0, c - j);
+    uint32_t v = 0;
+    for (int64_t q = 0; q < m; ++q) {
+      const uint32_t k = key_of(s[j + q]);
+      const bool on = k < T || (k == T && gbase + j + q <= cut);
+      v |= static_cast<uint32_t>(on) << (bit0 + q);
+    }
+    if (bit0 == 0 && m == 32)
+      L.out[word] = v;  // whole word inside this row: no other writer
+    else
+      atomic_or(L.out + word, v);  // shared with the neighbouring row (maybe another thread)
+    j += m;
+  }
+}
+
+Layer make_layer(const torch::Tensor& w, const torch::Tensor& p, const torch::Tensor& a,
+                 int64_t offset, uint32_t* out) {
+  TORCH_CHECK(w.device().is_cpu() && p.device().is_cpu() && a.device().is_cpu(),
+              "dowser select (cpu): tensors must be on CPU");
+  TORCH_CHECK(w.dim() == 2, "weight must be 2-D");
+  TORCH_CHECK(p.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+                  p.is_contiguous() && a.is_contiguous(),
+              "factors must be contiguous fp32");
+  TORCH_CHECK(p.dim() == 2 && a.dim() == 2 && p.size(0) == w.size(0) && a.size(1) == w.size(1) &&
+                  p.size(1) == a.size(0) && a.size(0) >= 1,
+              "factor shapes do not fit the weight");
+  Layer L;
+  L.w = static_cast<const char*>(w.data_ptr());
+  L.dtype = w.scalar_type();
+  L.s0 = w.stride(0);
+  L.s1 = w.stride(1);
+  L.rows = w.size(0);
+  L.cols = w.size(1);
+  L.cols_pad = (L.cols + V - 1) / V * V;
+  L.B = a.size(0);
+  L.p = p.data_ptr<float>();
+  L.a.assign(L.B * L.cols_pad, 0.f);
+  const float* asrc = a.data_ptr<float>();
+  for (int64_t b = 0; b < L.B; ++b)
+    std::memcpy(L.a.data() + b * L.cols_pad, asrc + b * L.cols, L.cols * sizeof(float));
+  L.offset = offset;
+  L.out = out;
+  return L;
+}
+
+}  // namespace
+
+torch::Tensor scores_cpu(const torch::Tensor& weight, const torch::Tensor& p, const torch::Tensor& a) {
+  torch::Tensor out = torch::empty({weight.size(0), weight.size(1)}, torch::dtype(torch::kFloat));
+  std::vector<Layer> Ls;
+  Ls.push_back(make_layer(weight, p, a, 0, nullptr));
+  Rows R{&Ls, {0, Ls[0].rows}, Ls[0].rows, Ls[0].cols_pad};
+  float* dst = out.data_ptr<float>();
+  const int nt = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(R.total)));
+  const std::vector<int64_t> cut = partition(R, nt);
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    std::vector<float> absw(RB * R.max_cols_pad), s(RB * R.max_cols_pad);
+    for_rows(R, cut[t], cut[t + 1], absw, s, [&](const Layer& L, int64_t i, const float* row) {
+      std::memcpy(dst + i * L.cols, row, L.cols * sizeof(float));
+    });
+  }
+  return out;
+}
+
+std::tuple<std::vector<torch::Tensor>, torch::Tensor> select_masks_cpu(
+    const std::vector<torch::Tensor>& weights, const std::vector<torch::Tensor>& ps,
+    const std::vector<torch::Tensor>& as, int64_t k) {
+  TORCH_CHECK(weights.size() == ps.size() && weights.size() == as.size(),
+              "select_masks_cpu: list lengths differ");
+  std::vector<torch::Tensor> outs;
+  std::vector<Layer> Ls;
+  Rows R;
+  R.layers = &Ls;
+  int64_t n = 0;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const int64_t numel = weights[l].numel();
+    outs.push_back(torch::zeros({(numel + 31) / 32}, torch::dtype(torch::kInt32)));
+    Ls.push_back(make_layer(weights[l], ps[l], as[l], n,
+                            reinterpret_cast<uint32_t*>(outs.back().data_ptr<int32_t>())));
+    R.start.push_back(R.total);
+    R.total += Ls.back().rows;
+    R.max_cols_pad = std::max(R.max_cols_pad, Ls.back().cols_pad);
+    n += numel;
+  }
+  R.start.push_back(R.total);
+  TORCH_CHECK(0 <= k && k <= n, "select_masks_cpu: k=", k, " outside [0, ", n, "]");
+  TORCH_CHECK(n < (int64_t(1) << 48), "select_masks_cpu: more than 2^48 entries");
+  torch::Tensor stats = torch::tensor({int64_t(-1), int64_t(0), int64_t(0)}, torch::dtype(torch::kInt64));
+  if (k == 0 || R.total == 0) return {outs, stats};
+
+  const int nt = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(R.total)));
+  const std::vector<int64_t> cut = partition(R, nt);
+  constexpr int NB = 1 << 16;
+  std::vector<int64_t> hist(static_cast<size_t>(nt) * NB, 0);  // per thread, then reduced
+
+  // Pass 1: histogram of the top 16 key bits.
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    std::vector<float> absw(RB * R.max_cols_pad), s(RB * R.max_cols_pad);
+    std::vector<uint32_t> h(NB, 0);
+    int64_t since = 0;
+    int64_t* mine = hist.data() + static_cast<size_t>(t) * NB;
+    for_rows(R, cut[t], cut[t + 1], absw, s, [&](const Layer& L, int64_t, const float* row) {
+      for (int64_t j = 0; j < L.cols; ++j) ++h[key_of(row[j]) >> 16];
+      since += L.cols;
+      if (since > (int64_t(1) << 31)) {  // flush before a uint32 bin can overflow
+        for (int b = 0; b < NB; ++b) mine[b] += h[b], h[b] = 0;
+        since = 0;
+      }
+    });
+    for (int b = 0; b < NB; ++b) mine[b] += h[b];
+  }
+  std::vector<int64_t> total(NB, 0);
+  for (int t = 0; t < nt; ++t)
+    for (int b = 0; b < NB; ++b) total[b] += hist[static_cast<size_t>(t) * NB + b];
+  int64_t below = 0;
+  int hi = 0;
+  while (below + total[hi] < k) below += total[hi++];
+  const int64_t in_bin = total[hi];
+  const int64_t need = k - below;  // 1 .. in_bin entries of bin `hi` are taken
+
+  uint32_t T = 0;
+  int64_t cut_index = 0, count_lt = 0;
+  const int64_t cap = std::max<int64_t>(4096, n / 64);
+  if (in_bin <= cap) {
+    // Pass 2: collect (low 16 bits << 48 | global index) of the bin; the need-th smallest of
+    // these composite keys is the last entry taken.
+    std::vector<uint64_t> cand(in_bin);
+    std::vector<int64_t> off(nt + 1, 0);
+    for (int t = 0; t < nt; ++t) off[t + 1] = off[t] + hist[static_cast<size_t>(t) * NB + hi];
+    std::atomic<bool> mismatch{false};
+#pragma omp parallel num_threads(nt)
+    {
+      const int t = omp_get_thread_num();
+      std::vector<float> absw(RB * R.max_cols_pad), s(RB * R.max_cols_pad);
+      int64_t pos = off[t];
+      for_rows(R, cut[t], cut[t + 1], absw, s, [&](const Layer& L, int64_t i, const float* row) {
+        const uint64_t gbase = static_cast<uint64_t>(L.offset + i * L.cols);
+        for (int64_t j = 0; j < L.cols; ++j) {
+          const uint32_t key = key_of(row[j]);
+          if (static_cast<int>(key >> 16) == hi)
+            cand[pos++] = (static_cast<uint64_t>(key & 0xFFFFu) << 48) | (gbase + j);
+        }
+      });
+      if (pos != off[t + 1]) mismatch = true;  // cannot throw inside a parallel region
+    }
+    TORCH_CHECK(!mismatch, "select_masks_cpu: pass 2 disagrees with pass 1");
+    std::nth_element(cand.begin(), cand.begin() + (need - 1), cand.end());
+    const uint64_t last = cand[need - 1];
+    const uint32_t lo = static_cast<uint32_t>(last >> 48);
+    T = (static_cast<uint32_t>(hi) << 16) | lo;
+    cut_index = static_cast<int64_t>(last & ((uint64_t(1) << 48) - 1));
+    count_lt = below;
+    for (int64_t q = 0; q < in_bin; ++q) count_lt += (cand[q] >> 48) < lo;
+  } else {
+    // Heavy ties. Pass 2b: histogram of the low 16 bits inside bin `hi`.
+    std::fill(hist.begin(), hist.end(), 0);
+#pragma omp parallel num_threads(nt)
+    {
+      const int t = omp_get_thread_num();
+      std::vector<float> absw(RB * R.max_cols_pad), s(RB * R.max_cols_pad);
+      int64_t* mine = hist.data() + static_cast<size_t>(t) * NB;
+      for_rows(R, cut[t], cut[t + 1], absw, s, [&](const Layer& L, int64_t, const float* row) {
+        for (int64_t j = 0; j < L.cols; ++j) {
+          const uint32_t key = key_of(row[j]);
+          if (static_cast<int>(key >> 16) == hi) ++mine[key & 0xFFFFu];
+        }
+      });
+    }
+    std::fill(total.begin(), total.end(), 0);
+    for (int t = 0; t < nt; ++t)
+      for (int b = 0; b < NB; ++b) total[b] += hist[static_cast<size_t>(t) * NB + b];
+    int64_t below2 = below;
+    int lo = 0;
+    while (below2 + total[lo] < k) below2 += total[lo++];
+    T = (static_cast<uint32_t>(hi) << 16) | static_cast<uint32_t>(lo);
+    count_lt = below2;
+    const int64_t ties = k - below2;
+    // Pass 3: ties per row, then the row holding the ties-th tie, recomputed alone.
+    std::vector<int64_t> row_ties(R.total, 0);
+#pragma omp parallel num_threads(nt)
+    {
+      const int t = omp_get_thread_num();
+      std::vector<float> absw(RB * R.max_cols_pad), s(RB * R.max_cols_pad);
+      int64_t g = cut[t];
+      for_rows(R, cut[t], cut[t + 1], absw, s, [&](const Layer& L, int64_t, const float* row) {
+        int64_t c = 0;
+        for (int64_t j = 0; j < L.cols; ++j) c += key_of(row[j]) == T;
+        row_ties[g++] = c;
+      });
+    }
+    int64_t seen = 0, g = 0;
+    while (seen + row_ties[g] < ties) seen += row_ties[g++];
+    int l;
+    int64_t i;
+    R.locate(g, l, i);
+    const Layer& L = Ls[l];
+    std::vector<float> absw(R.max_cols_pad), s(R.max_cols_pad);
+    score_rows_t<1>(L, i, absw.data(), s.data());
+    int64_t j = 0;
+    for (;; ++j) {
+      seen += key_of(s[j]) == T;
+      if (seen == ties) break;
+    }
+    cut_index = L.offset + i * L.cols + j;
+  }
+
+  // Final pass: write the words.
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    std::vector<float> absw(RB * R.max_cols_pad), s(RB * R.max_cols_pad);
+    for_rows(R, cut[t], cut[t + 1], absw, s, [&](const Layer& L, int64_t i, const float* row) {
+      write_row(L, i, row, T, cut_index);
+    });
+  }
+  auto st = stats.accessor<int64_t, 1>();
+  st[0] = static_cast<int64_t>(T);
+  st[1] = count_lt;
+  st[2] = k - count_lt;
+  return {outs, stats};
+}
+
+}  // namespace dowser

@@ -24,7 +24,6 @@ namespace {
 
 constexpr int64_t V = 8;  // floats per vector
 typedef float v8f __attribute__((vector_size(32), aligned(4)));
-constexpr int RB = 4;  // rows computed together (reuse of each A vector)
 
 struct Layer {
   const char* w;       // weight data
@@ -45,53 +44,63 @@ inline uint32_t key_of(float f) {
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-// |W| of row i as fp32 into dst[0, cols_pad) (zero padded).
-void abs_row(const Layer& L, int64_t i, float* dst) {
-  const int64_t c = L.cols;
-  switch (L.dtype) {
-    case at::kFloat: {
-      const float* src = reinterpret_cast<const float*>(L.w) + i * L.s0;
-      if (L.s1 == 1)
-        for (int64_t j = 0; j < c; ++j) dst[j] = std::fabs(src[j]);
-      else
-        for (int64_t j = 0; j < c; ++j) dst[j] = std::fabs(src[j * L.s1]);
-      break;
-    }
-    case at::kBFloat16: {
-      const uint16_t* src = reinterpret_cast<const uint16_t*>(L.w) + i * L.s0;
-      for (int64_t j = 0; j < c; ++j) {
-        uint32_t bits = static_cast<uint32_t>(src[j * L.s1] & 0x7FFFu) << 16;
-        std::memcpy(dst + j, &bits, 4);
+// Tiles of up to RB rows x JB columns are scored at once, all in L1/L2: the A block is reused
+// by every row of the tile.
+constexpr int RB = 16;
+constexpr int64_t JB = 256;
+
+// |W| of rows i0.. (nr of them), columns [j0, j0 + jb), as fp32 into absw[r * JB + j].
+void abs_tile(const Layer& L, int64_t i0, int nr, int64_t j0, int64_t jb, float* absw) {
+  const int64_t jn = std::min(jb, L.cols - j0);  // real columns (the rest is padding)
+  for (int r = 0; r < nr; ++r) {
+    float* dst = absw + r * JB;
+    const int64_t base = (i0 + r) * L.s0 + j0 * L.s1;
+    switch (L.dtype) {
+      case at::kFloat: {
+        const float* src = reinterpret_cast<const float*>(L.w) + base;
+        if (L.s1 == 1)
+          for (int64_t j = 0; j < jn; ++j) dst[j] = std::fabs(src[j]);
+        else
+          for (int64_t j = 0; j < jn; ++j) dst[j] = std::fabs(src[j * L.s1]);
+        break;
       }
-      break;
+      case at::kBFloat16: {
+        const uint16_t* src = reinterpret_cast<const uint16_t*>(L.w) + base;
+        for (int64_t j = 0; j < jn; ++j) {
+          const uint32_t bits = static_cast<uint32_t>(src[j * L.s1] & 0x7FFFu) << 16;
+          std::memcpy(dst + j, &bits, 4);
+        }
+        break;
+      }
+      case at::kHalf: {
+        const at::Half* src = reinterpret_cast<const at::Half*>(L.w) + base;
+        for (int64_t j = 0; j < jn; ++j) dst[j] = std::fabs(static_cast<float>(src[j * L.s1]));
+        break;
+      }
+      case at::kDouble: {
+        const double* src = reinterpret_cast<const double*>(L.w) + base;
+        for (int64_t j = 0; j < jn; ++j) dst[j] = static_cast<float>(std::fabs(src[j * L.s1]));
+        break;
+      }
+      default:
+        TORCH_CHECK(false, "dowser select: unsupported weight dtype");
     }
-    case at::kHalf: {
-      const at::Half* src = reinterpret_cast<const at::Half*>(L.w) + i * L.s0;
-      for (int64_t j = 0; j < c; ++j) dst[j] = std::fabs(static_cast<float>(src[j * L.s1]));
-      break;
-    }
-    case at::kDouble: {
-      const double* src = reinterpret_cast<const double*>(L.w) + i * L.s0;
-      for (int64_t j = 0; j < c; ++j) dst[j] = static_cast<float>(std::fabs(src[j * L.s1]));
-      break;
-    }
-    default:
-      TORCH_CHECK(false, "dowser select: unsupported weight dtype");
+    for (int64_t j = jn; j < jb; ++j) dst[j] = 0.f;
   }
-  for (int64_t j = c; j < L.cols_pad; ++j) dst[j] = 0.f;
 }
 
-// Scores of rows i0 .. i0+NR-1 into s[r * cols_pad + j]. Each score is
-// ((p0*a0 + p1*a1) + ...) * |w|, the same sequence of fp32 roundings for every entry whatever
-// NR or the pass (the vector body covers the zero padding too, so there is no scalar tail).
+// Scores of NR rows (from i0) x columns [j0, j0 + jb) (jb a multiple of V) into s[r * JB + j].
+// Each score is ((p0*a0 + p1*a1) + ...) * |w|: the same fp32 roundings for every entry, whatever
+// the tile, the grouping of rows or the pass (the vector body covers the zero padding too, so
+// there is no scalar tail). Separate mul and add: no FMA contraction (see the build flags).
 template <int NR>
-void score_rows_t(const Layer& L, int64_t i0, float* absw, float* s) {
+__attribute__((always_inline)) inline void score_rows_body(const Layer& L, int64_t i0, int64_t j0,
+                                                           int64_t jb, const float* absw, float* s) {
   const int64_t cp = L.cols_pad, B = L.B;
-  for (int r = 0; r < NR; ++r) abs_row(L, i0 + r, absw + r * cp);
   const float* p[NR];
   for (int r = 0; r < NR; ++r) p[r] = L.p + (i0 + r) * B;
-  const float* a = L.a.data();
-  for (int64_t j = 0; j < cp; j += V) {
+  const float* a = L.a.data() + j0;
+  for (int64_t j = 0; j < jb; j += V) {
     v8f acc[NR];
     v8f a0;
     std::memcpy(&a0, a + j, sizeof(v8f));
@@ -106,19 +115,39 @@ void score_rows_t(const Layer& L, int64_t i0, float* absw, float* s) {
     }
     for (int r = 0; r < NR; ++r) {
       v8f w;
-      std::memcpy(&w, absw + r * cp + j, sizeof(v8f));
+      std::memcpy(&w, absw + r * JB + j, sizeof(v8f));
       v8f out = acc[r] * w;
-      std::memcpy(s + r * cp + j, &out, sizeof(v8f));
+      std::memcpy(s + r * JB + j, &out, sizeof(v8f));
     }
   }
 }
+
+#define DOWSER_SCORE_VARIANT(NAME, ATTR)                                                     \
+  ATTR void NAME(const Layer& L, int64_t i0, int nr, int64_t j0, int64_t jb, const float* absw, \
+                 float* s) {                                                                 \
+    int r = 0;                                                                               \
+    for (; r + 4 <= nr; r += 4)                                                              \
+      score_rows_body<4>(L, i0 + r, j0, jb, absw + r * JB, s + r * JB);                      \
+    for (; r < nr; ++r) score_rows_body<1>(L, i0 + r, j0, jb, absw + r * JB, s + r * JB);   \
+  }
+
+// Same source, two instruction sets: AVX2 (8-wide, still no FMA, so identical results) where
+// the CPU has it, baseline SSE otherwise; the choice is fixed per process.
+DOWSER_SCORE_VARIANT(score_tile_avx2, __attribute__((target("avx2"))))
+DOWSER_SCORE_VARIANT(score_tile_base, )
+
+using ScoreFn = void (*)(const Layer&, int64_t, int, int64_t, int64_t, const float*, float*);
+ScoreFn pick_score_fn() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") ? score_tile_avx2 : score_tile_base;
+}
+const ScoreFn score_tile = pick_score_fn();
 
 // Global row g -> (layer, row). Rows of all layers in order.
 struct Rows {
   std::vector<Layer>* layers;
   std::vector<int64_t> start;  // first global row of each layer (+ total)
   int64_t total = 0;
-  int64_t max_cols_pad = 0;
   void locate(int64_t g, int& l, int64_t& i) const {
     l = static_cast<int>(std::upper_bound(start.begin(), start.end(), g) - start.begin()) - 1;
     i = g - start[l];
@@ -144,11 +173,27 @@ std::vector<int64_t> partition(const Rows& R, int nt) {
   return cut;
 }
 
-// Calls fn(layer, row, scores_of_row) for every row of [g0, g1) in order, computing rows in
-// blocks of RB within a layer.
+struct Scratch {
+  std::vector<float> absw, s;
+  Scratch() : absw(RB * JB), s(RB * JB) {}
+};
+
+// Scores rows of one layer [i0, i0 + nr) (nr <= RB) tile by tile; calls
+// fn(layer, row, j0, j1, scores of columns j0..j1-1) in row order within each column block.
 template <class Fn>
-void for_rows(const Rows& R, int64_t g0, int64_t g1, std::vector<float>& absw,
-              std::vector<float>& s, Fn&& fn) {
+void for_tile_rows(const Layer& L, int64_t i0, int nr, Scratch& sc, Fn&& fn) {
+  for (int64_t j0 = 0; j0 < L.cols; j0 += JB) {
+    const int64_t jb = std::min(JB, L.cols_pad - j0);
+    abs_tile(L, i0, nr, j0, jb, sc.absw.data());
+    score_tile(L, i0, nr, j0, jb, sc.absw.data(), sc.s.data());
+    const int64_t j1 = std::min(j0 + JB, L.cols);
+    for (int r = 0; r < nr; ++r) fn(L, i0 + r, j0, j1, sc.s.data() + r * JB);
+  }
+}
+
+// Every row segment of global rows [g0, g1).
+template <class Fn>
+void for_rows(const Rows& R, int64_t g0, int64_t g1, Scratch& sc, Fn&& fn) {
   int64_t g = g0;
   while (g < g1) {
     int l;
@@ -156,15 +201,8 @@ void for_rows(const Rows& R, int64_t g0, int64_t g1, std::vector<float>& absw,
     R.locate(g, l, i);
     const Layer& L = (*R.layers)[l];
     const int64_t in_layer = std::min(g1 - g, L.rows - i);
-    int64_t r = 0;
-    for (; r + RB <= in_layer; r += RB) {
-      score_rows_t<RB>(L, i + r, absw.data(), s.data());
-      for (int q = 0; q < RB; ++q) fn(L, i + r + q, s.data() + q * L.cols_pad);
-    }
-    for (; r < in_layer; ++r) {
-      score_rows_t<1>(L, i + r, absw.data(), s.data());
-      fn(L, i + r, s.data());
-    }
+    for (int64_t r = 0; r < in_layer; r += RB)
+      for_tile_rows(L, i + r, static_cast<int>(std::min<int64_t>(RB, in_layer - r)), sc, fn);
     g += in_layer;
   }
 }
@@ -173,27 +211,28 @@ void atomic_or(uint32_t* p, uint32_t v) {
   if (v) __atomic_fetch_or(p, v, __ATOMIC_RELAXED);
 }
 
-// Write the mask bits of one row: bit = key < T or (key == T and global index <= cut).
-void write_row(const Layer& L, int64_t i, const float* s, uint32_t T, int64_t cut) {
-  const int64_t c = L.cols;
-  const int64_t f0 = i * c;  // flat index of the row's first entry
+// Write the mask bits of row i, columns [j0, j1): bit = key < T or (key == T and global
+// index <= cut).
+void write_seg(const Layer& L, int64_t i, int64_t j0, int64_t j1, const float* s, uint32_t T,
+               int64_t cut) {
+  const int64_t f0 = i * L.cols;  // flat index of the row's first entry
   const int64_t gbase = L.offset + f0;
-  int64_t j = 0;
-  while (j < c) {
+  int64_t j = j0;
+  while (j < j1) {
     const int64_t f = f0 + j;
     const int64_t word = f >> 5;
     const int bit0 = static_cast<int>(f & 31);
-    const int64_t m = std::min<int64_t>(32 - bit0, c - j);
+    const int64_t m = std::min<int64_t>(32 - bit0, j1 - j);
     uint32_t v = 0;
     for (int64_t q = 0; q < m; ++q) {
-      const uint32_t k = key_of(s[j + q]);
+      const uint32_t k = key_of(s[j - j0 + q]);
       const bool on = k < T || (k == T && gbase + j + q <= cut);
       v |= static_cast<uint32_t>(on) << (bit0 + q);
     }
-    if (bit0 == 0 && m == 32)
-      L.out[word] = v;  // whole word inside this row: no other writer
+    if (m == 32)
+      L.out[word] = v;  // the whole word lies in this segment: no other writer
     else
-      atomic_or(L.out + word, v);  // shared with the neighbouring row (maybe another thread)
+      atomic_or(L.out + word, v);  // shared with a neighbouring segment (maybe another thread)
     j += m;
   }
 }
@@ -234,17 +273,18 @@ torch::Tensor scores_cpu(const torch::Tensor& weight, const torch::Tensor& p, co
   torch::Tensor out = torch::empty({weight.size(0), weight.size(1)}, torch::dtype(torch::kFloat));
   std::vector<Layer> Ls;
   Ls.push_back(make_layer(weight, p, a, 0, nullptr));
-  Rows R{&Ls, {0, Ls[0].rows}, Ls[0].rows, Ls[0].cols_pad};
+  Rows R{&Ls, {0, Ls[0].rows}, Ls[0].rows};
   float* dst = out.data_ptr<float>();
   const int nt = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(R.total)));
   const std::vector<int64_t> cut = partition(R, nt);
 #pragma omp parallel num_threads(nt)
   {
     const int t = omp_get_thread_num();
-    std::vector<float> absw(RB * R.max_cols_pad), s(RB * R.max_cols_pad);
-    for_rows(R, cut[t], cut[t + 1], absw, s, [&](const Layer& L, int64_t i, const float* row) {
-      std::memcpy(dst + i * L.cols, row, L.cols * sizeof(float));
-    });
+    Scratch sc;
+    for_rows(R, cut[t], cut[t + 1], sc,
+             [&](const Layer& L, int64_t i, int64_t j0, int64_t j1, const float* seg) {
+               std::memcpy(dst + i * L.cols + j0, seg, (j1 - j0) * sizeof(float));
+             });
   }
   return out;
 }
@@ -256,6 +296,7 @@ std::tuple<std::vector<torch::Tensor>, torch::Tensor> select_masks_cpu(
               "select_masks_cpu: list lengths differ");
   std::vector<torch::Tensor> outs;
   std::vector<Layer> Ls;
+  Ls.reserve(weights.size());
   Rows R;
   R.layers = &Ls;
   int64_t n = 0;
@@ -266,7 +307,6 @@ std::tuple<std::vector<torch::Tensor>, torch::Tensor> select_masks_cpu(
                             reinterpret_cast<uint32_t*>(outs.back().data_ptr<int32_t>())));
     R.start.push_back(R.total);
     R.total += Ls.back().rows;
-    R.max_cols_pad = std::max(R.max_cols_pad, Ls.back().cols_pad);
     n += numel;
   }
   R.start.push_back(R.total);
@@ -284,18 +324,19 @@ std::tuple<std::vector<torch::Tensor>, torch::Tensor> select_masks_cpu(
 #pragma omp parallel num_threads(nt)
   {
     const int t = omp_get_thread_num();
-    std::vector<float> absw(RB * R.max_cols_pad), s(RB * R.max_cols_pad);
+    Scratch sc;
     std::vector<uint32_t> h(NB, 0);
     int64_t since = 0;
     int64_t* mine = hist.data() + static_cast<size_t>(t) * NB;
-    for_rows(R, cut[t], cut[t + 1], absw, s, [&](const Layer& L, int64_t, const float* row) {
-      for (int64_t j = 0; j < L.cols; ++j) ++h[key_of(row[j]) >> 16];
-      since += L.cols;
-      if (since > (int64_t(1) << 31)) {  // flush before a uint32 bin can overflow
-        for (int b = 0; b < NB; ++b) mine[b] += h[b], h[b] = 0;
-        since = 0;
-      }
-    });
+    for_rows(R, cut[t], cut[t + 1], sc,
+             [&](const Layer&, int64_t, int64_t j0, int64_t j1, const float* seg) {
+               for (int64_t j = 0; j < j1 - j0; ++j) ++h[key_of(seg[j]) >> 16];
+               since += j1 - j0;
+               if (since > (int64_t(1) << 31)) {  // flush before a uint32 bin can overflow
+                 for (int b = 0; b < NB; ++b) mine[b] += h[b], h[b] = 0;
+                 since = 0;
+               }
+             });
     for (int b = 0; b < NB; ++b) mine[b] += h[b];
   }
   std::vector<int64_t> total(NB, 0);
@@ -320,17 +361,19 @@ std::tuple<std::vector<torch::Tensor>, torch::Tensor> select_masks_cpu(
 #pragma omp parallel num_threads(nt)
     {
       const int t = omp_get_thread_num();
-      std::vector<float> absw(RB * R.max_cols_pad), s(RB * R.max_cols_pad);
+      Scratch sc;
       int64_t pos = off[t];
-      for_rows(R, cut[t], cut[t + 1], absw, s, [&](const Layer& L, int64_t i, const float* row) {
-        const uint64_t gbase = static_cast<uint64_t>(L.offset + i * L.cols);
-        for (int64_t j = 0; j < L.cols; ++j) {
-          const uint32_t key = key_of(row[j]);
-          if (static_cast<int>(key >> 16) == hi)
-            cand[pos++] = (static_cast<uint64_t>(key & 0xFFFFu) << 48) | (gbase + j);
-        }
-      });
-      if (pos != off[t + 1]) mismatch = true;  // cannot throw inside a parallel region
+      const int64_t end = off[t + 1];
+      for_rows(R, cut[t], cut[t + 1], sc,
+               [&](const Layer& L, int64_t i, int64_t j0, int64_t j1, const float* seg) {
+                 const uint64_t gbase = static_cast<uint64_t>(L.offset + i * L.cols + j0);
+                 for (int64_t j = 0; j < j1 - j0; ++j) {
+                   const uint32_t key = key_of(seg[j]);
+                   if (static_cast<int>(key >> 16) == hi && pos < end)
+                     cand[pos++] = (static_cast<uint64_t>(key & 0xFFFFu) << 48) | (gbase + j);
+                 }
+               });
+      if (pos != end) mismatch = true;  // cannot throw inside a parallel region
     }
     TORCH_CHECK(!mismatch, "select_masks_cpu: pass 2 disagrees with pass 1");
     std::nth_element(cand.begin(), cand.begin() + (need - 1), cand.end());
@@ -346,14 +389,15 @@ std::tuple<std::vector<torch::Tensor>, torch::Tensor> select_masks_cpu(
 #pragma omp parallel num_threads(nt)
     {
       const int t = omp_get_thread_num();
-      std::vector<float> absw(RB * R.max_cols_pad), s(RB * R.max_cols_pad);
+      Scratch sc;
       int64_t* mine = hist.data() + static_cast<size_t>(t) * NB;
-      for_rows(R, cut[t], cut[t + 1], absw, s, [&](const Layer& L, int64_t, const float* row) {
-        for (int64_t j = 0; j < L.cols; ++j) {
-          const uint32_t key = key_of(row[j]);
-          if (static_cast<int>(key >> 16) == hi) ++mine[key & 0xFFFFu];
-        }
-      });
+      for_rows(R, cut[t], cut[t + 1], sc,
+               [&](const Layer&, int64_t, int64_t j0, int64_t j1, const float* seg) {
+                 for (int64_t j = 0; j < j1 - j0; ++j) {
+                   const uint32_t key = key_of(seg[j]);
+                   if (static_cast<int>(key >> 16) == hi) ++mine[key & 0xFFFFu];
+                 }
+               });
     }
     std::fill(total.begin(), total.end(), 0);
     for (int t = 0; t < nt; ++t)
@@ -364,43 +408,50 @@ std::tuple<std::vector<torch::Tensor>, torch::Tensor> select_masks_cpu(
     T = (static_cast<uint32_t>(hi) << 16) | static_cast<uint32_t>(lo);
     count_lt = below2;
     const int64_t ties = k - below2;
-    // Pass 3: ties per row, then the row holding the ties-th tie, recomputed alone.
+    // Pass 3: ties per row (O(rows) counts), then the row holding the ties-th tie.
     std::vector<int64_t> row_ties(R.total, 0);
 #pragma omp parallel num_threads(nt)
     {
       const int t = omp_get_thread_num();
-      std::vector<float> absw(RB * R.max_cols_pad), s(RB * R.max_cols_pad);
-      int64_t g = cut[t];
-      for_rows(R, cut[t], cut[t + 1], absw, s, [&](const Layer& L, int64_t, const float* row) {
-        int64_t c = 0;
-        for (int64_t j = 0; j < L.cols; ++j) c += key_of(row[j]) == T;
-        row_ties[g++] = c;
-      });
+      Scratch sc;
+      for_rows(R, cut[t], cut[t + 1], sc,
+               [&](const Layer& L, int64_t i, int64_t j0, int64_t j1, const float* seg) {
+                 int64_t c = 0;
+                 for (int64_t j = 0; j < j1 - j0; ++j) c += key_of(seg[j]) == T;
+                 const int l = static_cast<int>(&L - Ls.data());
+                 row_ties[R.start[l] + i] += c;
+               });
     }
     int64_t seen = 0, g = 0;
     while (seen + row_ties[g] < ties) seen += row_ties[g++];
+    // Rescore that row alone (same arithmetic) to find the column of the last tie taken.
     int l;
     int64_t i;
     R.locate(g, l, i);
-    const Layer& L = Ls[l];
-    std::vector<float> absw(R.max_cols_pad), s(R.max_cols_pad);
-    score_rows_t<1>(L, i, absw.data(), s.data());
-    int64_t j = 0;
-    for (;; ++j) {
-      seen += key_of(s[j]) == T;
-      if (seen == ties) break;
-    }
-    cut_index = L.offset + i * L.cols + j;
+    Scratch sc;
+    bool found = false;
+    for_tile_rows(Ls[l], i, 1, sc,
+                  [&](const Layer& L, int64_t, int64_t j0, int64_t j1, const float* seg) {
+                    for (int64_t j = 0; j < j1 - j0 && !found; ++j) {
+                      seen += key_of(seg[j]) == T;
+                      if (seen == ties) {
+                        cut_index = L.offset + i * L.cols + j0 + j;
+                        found = true;
+                      }
+                    }
+                  });
+    TORCH_CHECK(found, "select_masks_cpu: tie pass disagrees with the rescored row");
   }
 
   // Final pass: write the words.
 #pragma omp parallel num_threads(nt)
   {
     const int t = omp_get_thread_num();
-    std::vector<float> absw(RB * R.max_cols_pad), s(RB * R.max_cols_pad);
-    for_rows(R, cut[t], cut[t + 1], absw, s, [&](const Layer& L, int64_t i, const float* row) {
-      write_row(L, i, row, T, cut_index);
-    });
+    Scratch sc;
+    for_rows(R, cut[t], cut[t + 1], sc,
+             [&](const Layer& L, int64_t i, int64_t j0, int64_t j1, const float* seg) {
+               write_seg(L, i, j0, j1, seg, T, cut_index);
+             });
   }
   auto st = stats.accessor<int64_t, 1>();
   st[0] = static_cast<int64_t>(T);

@@ -14,6 +14,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
 #include <cstring>
 #include <vector>
 
@@ -269,6 +273,139 @@ Layer make_layer(const torch::Tensor& w, const torch::Tensor& p, const torch::Te
 
 }  // namespace
 
+// One score computed alone (for the sample); the value need not match the tiles bit for bit:
+// the sample only places the window, and the window pass checks that it holds the k-th entry.
+float score_one(const Layer& L, int64_t i, int64_t j) {
+  float w;
+  abs_tile(L, i, 1, j, 1, &w);
+  const float* p = L.p + i * L.B;
+  float acc = p[0] * L.a[j];
+  for (int64_t b = 1; b < L.B; ++b) acc = acc + p[b] * L.a[b * L.cols_pad + j];
+  return acc * w;
+}
+
+inline uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+typedef unsigned __int128 u128;  // (key << 64) | global index: sorts by key, then index
+
+// Fast path, one pass over the scores: a fixed pseudo-random sample brackets the k-th key in a
+// window [lo, hi]; the pass sets every bit with key < lo, counts them, and collects the window's
+// (key, index) pairs; the k - count smallest pairs are then set. Returns false (nothing useful
+// written; the caller clears the words) when the window misses the k-th entry or would need
+// more than `cap` pairs (heavy ties), leaving the exact radix passes to do it.
+bool select_window(const Rows& R, std::vector<Layer>& Ls, const std::vector<int64_t>& cut, int nt,
+                   int64_t n, int64_t k, uint32_t& T_out, int64_t& count_lt_out) {
+  // Sample size: the window holds ~12 standard deviations of the sample quantile, a fraction
+  // ~ 12 sqrt(q(1-q)/m) of n; a larger sample for larger n keeps its pairs a few % of |S|.
+  const int64_t m = std::min<int64_t>(n, std::max<int64_t>(int64_t(1) << 16,
+                                                           std::min<int64_t>(n >> 10, int64_t(1) << 18)));
+  const bool dbg = std::getenv("DOWSER_SELECT_DEBUG") != nullptr;
+  double t0 = omp_get_wtime();
+  std::vector<uint32_t> sample(m);
+  std::vector<int64_t> layer_end(Ls.size());
+  for (size_t l = 0; l < Ls.size(); ++l) layer_end[l] = Ls[l].offset + Ls[l].rows * Ls[l].cols;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t q = 0; q < m; ++q) {
+    const int64_t g = m == n ? q : static_cast<int64_t>(splitmix64(q) % static_cast<uint64_t>(n));
+    const size_t l = std::upper_bound(layer_end.begin(), layer_end.end(), g) - layer_end.begin();
+    const Layer& L = Ls[l];
+    const int64_t f = g - L.offset;
+    sample[q] = key_of(score_one(L, f / L.cols, f % L.cols));
+  }
+  std::sort(sample.begin(), sample.end());
+  const double qf = static_cast<double>(k) / static_cast<double>(n);
+  const double rank = qf * static_cast<double>(m);
+  const double sd = std::sqrt(static_cast<double>(m) * qf * (1.0 - qf)) + 1.0;
+  const int64_t lo_rank = static_cast<int64_t>(std::floor(rank - 6.0 * sd - 2.0));
+  const int64_t hi_rank = static_cast<int64_t>(std::ceil(rank + 6.0 * sd + 2.0));
+  const uint32_t lo = lo_rank < 0 ? 0u : sample[lo_rank];
+  const uint32_t hi = hi_rank >= m ? 0xFFFFFFFFu : sample[hi_rank];
+  std::vector<uint32_t>().swap(sample);
+  if (dbg) fprintf(stderr, "select_window: sample %lld in %.3fs\n", (long long)m, omp_get_wtime() - t0);
+  t0 = omp_get_wtime();
+
+  const int64_t cap = std::max<int64_t>(int64_t(1) << 16, n / 64);
+  // Untouched capacity costs no resident memory; only the pairs written do.
+  std::unique_ptr<u128[]> win(new u128[cap]);
+  std::atomic<int64_t> used{0};
+  std::atomic<bool> overflow{false};
+  std::vector<int64_t> below(nt, 0);
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    Scratch sc;
+    constexpr int LB = 1024;
+    u128 local[LB];
+    int nl = 0;
+    int64_t c_lo = 0;
+    auto flush = [&]() {
+      const int64_t at = used.fetch_add(nl);
+      if (at + nl > cap) overflow = true;
+      else std::memcpy(win.get() + at, local, nl * sizeof(u128));
+      nl = 0;
+    };
+    for_rows(R, cut[t], cut[t + 1], sc,
+             [&](const Layer& L, int64_t i, int64_t j0, int64_t j1, const float* seg) {
+               if (overflow.load(std::memory_order_relaxed)) return;
+               const int64_t f0 = i * L.cols;
+               const uint64_t gbase = static_cast<uint64_t>(L.offset + f0 + j0);
+               int64_t j = j0;
+               while (j < j1) {
+                 const int64_t f = f0 + j;
+                 const int bit0 = static_cast<int>(f & 31);
+                 const int64_t cnt = std::min<int64_t>(32 - bit0, j1 - j);
+                 uint32_t v = 0;
+                 for (int64_t q = 0; q < cnt; ++q) {
+                   const uint32_t key = key_of(seg[j - j0 + q]);
+                   v |= static_cast<uint32_t>(key < lo) << (bit0 + q);
+                   if (key >= lo && key <= hi) {
+                     local[nl++] = (static_cast<u128>(key) << 64) | (gbase + (j - j0) + q);
+                     if (nl == LB) flush();
+                   }
+                 }
+                 c_lo += __builtin_popcount(v);
+                 if (cnt == 32) L.out[f >> 5] = v;
+                 else atomic_or(L.out + (f >> 5), v);
+                 j += cnt;
+               }
+             });
+    if (nl) flush();
+    below[t] = c_lo;
+  }
+  if (dbg) fprintf(stderr, "select_window: pass %.3fs, %lld pairs%s\n", omp_get_wtime() - t0,
+                   (long long)used.load(), overflow ? " (overflow)" : "");
+  if (overflow) return false;
+  int64_t c_lo = 0;
+  for (int64_t b : below) c_lo += b;
+  const int64_t w = used.load();
+  const int64_t need = k - c_lo;
+  if (need < 0 || need > w) return false;
+  if (need == 0) {  // every key < lo is taken and nothing more: T is the largest key below lo
+    return false;   // rare (k exactly at a gap); the radix passes report its stats exactly
+  }
+  u128* begin = win.get();
+  std::nth_element(begin, begin + (need - 1), begin + w);
+  const uint32_t T = static_cast<uint32_t>(begin[need - 1] >> 64);
+  int64_t c_lt = c_lo;
+  for (int64_t q = 0; q < w; ++q) c_lt += static_cast<uint32_t>(begin[q] >> 64) < T;
+  // The need smallest pairs are begin[0 .. need): set their bits.
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t q = 0; q < need; ++q) {
+    const int64_t g = static_cast<int64_t>(static_cast<uint64_t>(begin[q]));
+    const size_t l = std::upper_bound(layer_end.begin(), layer_end.end(), g) - layer_end.begin();
+    const int64_t f = g - Ls[l].offset;
+    atomic_or(Ls[l].out + (f >> 5), 1u << (f & 31));
+  }
+  T_out = T;
+  count_lt_out = c_lt;
+  return true;
+}
+
 torch::Tensor scores_cpu(const torch::Tensor& weight, const torch::Tensor& p, const torch::Tensor& a) {
   torch::Tensor out = torch::empty({weight.size(0), weight.size(1)}, torch::dtype(torch::kFloat));
   std::vector<Layer> Ls;
@@ -317,6 +454,19 @@ std::tuple<std::vector<torch::Tensor>, torch::Tensor> select_masks_cpu(
 
   const int nt = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(R.total)));
   const std::vector<int64_t> cut = partition(R, nt);
+  {
+    uint32_t T = 0;
+    int64_t c_lt = 0;
+    if (std::getenv("DOWSER_SELECT_RADIX") == nullptr &&  // tests force the radix passes
+        select_window(R, Ls, cut, nt, n, k, T, c_lt)) {
+      auto st = stats.accessor<int64_t, 1>();
+      st[0] = static_cast<int64_t>(T);
+      st[1] = c_lt;
+      st[2] = k - c_lt;
+      return {outs, stats};
+    }
+    for (auto& o : outs) o.zero_();  // the window missed: start over with the radix passes
+  }
   constexpr int NB = 1 << 16;
   std::vector<int64_t> hist(static_cast<size_t>(nt) * NB, 0);  // per thread, then reduced
 

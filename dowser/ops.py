@@ -57,6 +57,22 @@ _POPCOUNT8 = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.i
 Layer = tuple  # (weight, out_factors, in_factors) or (weight, out_factors, in_factors, batch_weights)
 
 
+def _check_finite_chunked(name: str, t: torch.Tensor) -> None:
+    """check_finite in row chunks: its bool temporaries stay O(chunk), not O(numel), so
+    validating a huge weight does not cost more memory than building its mask."""
+    if t.dim() < 2 or t.numel() <= 1 << 22:
+        check_finite(name, t)
+        return
+    step = max(1, (1 << 22) // max(1, t[0].numel()))
+    bad = 0
+    for start in range(0, t.shape[0], step):
+        chunk = t[start:start + step]
+        if not bool(torch.isfinite(chunk).all()):
+            bad += int((~torch.isfinite(chunk)).sum())
+    if bad:
+        raise ValueError(f"{name} contains {bad} NaN/Inf value(s)")
+
+
 def _check_layer(weight: torch.Tensor, out_factors: torch.Tensor, in_factors: torch.Tensor,
                  batch_weights: torch.Tensor | None, prefix: str = ""
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,7 +115,7 @@ def _check_layer(weight: torch.Tensor, out_factors: torch.Tensor, in_factors: to
         if bool((bw < 0).any()) or not float(bw.sum()) > 0:
             raise ValueError(f"{names['batch_weights']} must be >= 0 with a positive sum")
     for key, t in (("weight", weight), ("out_factors", psi), ("in_factors", a)):
-        check_finite(names[key], t)
+        _check_finite_chunked(names[key], t)
     return psi.to(torch.float32), a.to(torch.float32), bw
 
 

@@ -137,13 +137,22 @@ __attribute__((always_inline)) inline void score_rows_body(const Layer& L, int64
 
 // Same source, two instruction sets: AVX2 (8-wide, still no FMA, so identical results) where
 // the CPU has it, baseline SSE otherwise; the choice is fixed per process.
+#if defined(__x86_64__) || defined(__i386__)
+#define DOWSER_X86 1
+#define DOWSER_CLONES __attribute__((target_clones("avx2", "default")))
 DOWSER_SCORE_VARIANT(score_tile_avx2, __attribute__((target("avx2"))))
+#else
+#define DOWSER_CLONES
+#endif
 DOWSER_SCORE_VARIANT(score_tile_base, )
 
 using ScoreFn = void (*)(const Layer&, int64_t, int, int64_t, int64_t, const float*, float*);
 ScoreFn pick_score_fn() {
+#ifdef DOWSER_X86
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") ? score_tile_avx2 : score_tile_base;
+  if (__builtin_cpu_supports("avx2")) return score_tile_avx2;
+#endif
+  return score_tile_base;
 }
 const ScoreFn score_tile = pick_score_fn();
 
@@ -293,7 +302,7 @@ inline uint64_t splitmix64(uint64_t x) {
 
 // One full word of 32 scores: bits of key < lo, and whether any key lies in [lo, hi]. Written
 // branch-free so it vectorises (AVX2 clone where the CPU has it).
-__attribute__((target_clones("avx2", "default")))
+DOWSER_CLONES
 uint32_t word_below(const float* s, uint32_t lo, uint32_t hi, uint32_t* in_window) {
   uint32_t v = 0, win = 0;  // win: bit q set when key q lies in [lo, hi]
   for (int q = 0; q < 32; ++q) {

@@ -137,6 +137,21 @@ def test_heavy_ties_zero_signs_and_denormals(backend, device, monkeypatch):
             _check_selection(select, scores, args, k)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "cpp-radix"])
+def test_random_shapes_fuzz(backend, monkeypatch):
+    scores, select, _ = _fns(backend, "cpu", monkeypatch)
+    gen = torch.Generator().manual_seed(123)
+    for trial in range(40):
+        d_out, d_in = (int(x) for x in torch.randint(1, 300, (2,), generator=gen))
+        b = int(torch.randint(1, 20, (1,), generator=gen))
+        dtype = DTYPES[trial % 3]
+        args = _layer((d_out, d_in), b, dtype, seed=trial)
+        if trial % 4 == 0:  # quantised-looking weights: many exact ties
+            args = (torch.randint(-3, 4, (d_out, d_in), generator=gen).to(dtype), *args[1:])
+        rho = float(torch.rand(1, generator=gen))
+        _check_selection(select, scores, args, _k(rho, d_out * d_in))
+
+
 def test_signed_zero_ranks_as_zero():
     s = torch.tensor([0.0, -0.0, -1.0, 1e-45, -0.0, 0.0])
     mask, stats = reference.select_from_scores(s, 3)
@@ -189,6 +204,7 @@ def test_global_matches_concatenate_and_sort(backend, device, monkeypatch):
     zero = list(_layer((13, 31), 16, seed=4, device=device))
     zero[0] = torch.zeros_like(zero[0])  # ties across layers: layer order, then index
     layers.append(tuple(zero))
+    layers.insert(1, _layer((0, 5), 16, seed=5, device=device))  # an empty layer changes nothing
     total = sum(layer[0].numel() for layer in layers)
     cols = [list(c) for c in zip(*layers)]
     for rho in RHOS + [0.3]:

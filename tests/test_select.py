@@ -75,7 +75,9 @@ def _check_fp64(got, args, k):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape,b", [((1, 1), 1), ((1, 97), 16), ((97, 1), 64), ((33, 97), 16),
-                                     ((33, 97), 1), ((70, 131), 64)])
+                                     ((33, 97), 1), ((70, 131), 64),
+                                     # d_in % 32 == 0: the Triton 2-D tile (tl.dot) path
+                                     ((33, 96), 16), ((40, 160), 20)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_selection_matches_reference_on_own_scores(backend, shape, b, dtype, device, monkeypatch):
     scores, select, _ = _fns(backend, device, monkeypatch)
@@ -92,7 +94,8 @@ def test_selection_matches_reference_on_own_scores(backend, shape, b, dtype, dev
 def test_strided_and_transposed_weights(backend, device, monkeypatch):
     scores, select, _ = _fns(backend, device, monkeypatch)
     base = torch.randn(90, 70, generator=torch.Generator().manual_seed(5)).to(device)
-    for w in (base.t(), base[::2, 1::3], base.to(torch.bfloat16).t()[:, 3:80:2]):
+    tiled = torch.randn(64, 50, generator=torch.Generator().manual_seed(6)).to(device).t()  # d_in 64
+    for w in (base.t(), base[::2, 1::3], base.to(torch.bfloat16).t()[:, 3:80:2], tiled):
         assert not w.is_contiguous()
         _, psi, a, bw = _layer(w.shape, 4, seed=7, device=device)
         for rho in (0.1, 0.5):
@@ -205,6 +208,7 @@ def test_global_matches_concatenate_and_sort(backend, device, monkeypatch):
     zero[0] = torch.zeros_like(zero[0])  # ties across layers: layer order, then index
     layers.append(tuple(zero))
     layers.insert(1, _layer((0, 5), 16, seed=5, device=device))  # an empty layer changes nothing
+    layers.append(_layer((9, 64), 16, torch.bfloat16, seed=6, device=device))  # 2-D tile path
     total = sum(layer[0].numel() for layer in layers)
     cols = [list(c) for c in zip(*layers)]
     for rho in RHOS + [0.3]:

@@ -49,6 +49,8 @@ def worker(method: str, shapes: list[tuple[int, int]], device: str, dtype: str, 
     layers = _inputs(shapes, device, getattr(torch, dtype))
     if method == "naive":
         fn = lambda: [_naive(*layer) for layer in layers]  # noqa: E731
+    elif method == "read-w":  # the floor: one read of every weight (torch.sum)
+        fn = lambda: [w.sum() for w, _, _, _ in layers]  # noqa: E731
     elif method == "dowser":
         fn = lambda: [ops.build_mask(w, p, a, RHO, batch_weights=bw) for w, p, a, bw in layers]  # noqa: E731
     else:  # dowser-global: one threshold over all matrices
@@ -81,7 +83,7 @@ def main() -> None:
         cases.append(("7b-32-layers (224 matrices)", [(o, i) for _, o, i in LAYER_7B] * 32))
     rows = []
     for name, shapes in cases:
-        methods = ["naive", "dowser"] + (["dowser-global"] if len(shapes) > 1 else [])
+        methods = ["naive", "read-w", "dowser"] + (["dowser-global"] if len(shapes) > 1 else [])
         res = {}
         for method in methods:
             cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--dtype",
@@ -110,7 +112,8 @@ def main() -> None:
     notes = (f"B={B} probe batches, rho={RHO}, weights {args.dtype}. naive = materialise S in fp32 + "
              "torch.kthvalue + `S <= threshold` (torch.quantile refuses > 2^24 elements). "
              "dowser = ops.build_mask per matrix (exact k, packed int32 words); dowser-global = "
-             "ops.build_masks_global (one threshold). extra_mb = peak memory above the inputs "
+             "ops.build_masks_global (one threshold); read-w = one torch.sum over every weight, the time "
+             "to read W once (the Triton path makes 4 passes, the CPU fast path 1). extra_mb = peak memory above the inputs "
              "(CPU: peak RSS in a fresh subprocess; CUDA: max_memory_allocated). "
              f"Load average at the end: {load:.1f} (the CPU host was shared with other jobs).")
     md = write_results("select", rows, args.device, notes)

@@ -60,21 +60,6 @@ __all__ += ["scores", "build_mask", "score_threshold", "build_masks_global"]
 _Layer = tuple  # (weight, out_factors, in_factors) or (weight, out_factors, in_factors, batch_weights)
 
 
-def _check_finite_chunked(name: str, t: torch.Tensor) -> None:
-    """check_finite without O(numel) temporaries: a finite sum proves every entry finite (NaN and
-    Inf propagate through a sum), and one reduction reads the tensor at memory speed; only a
-    non-finite sum (a bad entry, or an overflow) pays for the exact count, in row chunks."""
-    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
-        return
-    if t.dim() < 2:
-        check_finite(name, t)
-        return
-    step = max(1, (1 << 22) // max(1, t[0].numel()))
-    bad = sum(int((~torch.isfinite(t[i:i + step])).sum()) for i in range(0, t.shape[0], step))
-    if bad:
-        raise ValueError(f"{name} contains {bad} NaN/Inf value(s)")
-
-
 def _check_layer(weight: torch.Tensor, out_factors: torch.Tensor, in_factors: torch.Tensor,
                  batch_weights: torch.Tensor | None, prefix: str = ""
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,7 +102,7 @@ def _check_layer(weight: torch.Tensor, out_factors: torch.Tensor, in_factors: to
         if bool((bw < 0).any()) or not float(bw.sum()) > 0:
             raise ValueError(f"{names['batch_weights']} must be >= 0 with a positive sum")
     for key, t in (("weight", weight), ("out_factors", psi), ("in_factors", a)):
-        _check_finite_chunked(names[key], t)
+        check_finite(names[key], t)
     return psi.to(torch.float32), a.to(torch.float32), bw
 
 

@@ -331,6 +331,8 @@ def _special_ids(model: nn.Module, tokenizer: Any) -> tuple[int, int | None, int
                 return int(v)
         return None
 
+    if tcfg is not cfg:
+        cfg = None  # a multimodal config: the text config holds the token ids
     tok = tokenizer
     bos = first(getattr(tok, "bos_token_id", None), getattr(tcfg, "bos_token_id", None),
                 getattr(cfg, "bos_token_id", None))
@@ -528,18 +530,27 @@ def _mask_or_none(mask: torch.Tensor | None) -> torch.Tensor | None:
 # Image probes (Llava-style): Gaussian-noise pixels and the image tokens in the prompt
 # --------------------------------------------------------------------------------------------
 
-def _image_probe_inputs(model: nn.Module, batch: _Batch, seed: int) -> dict[str, torch.Tensor]:
+def _check_image_probes(model: nn.Module) -> None:
     cfg = getattr(model, "config", None)
-    vcfg = getattr(cfg, "vision_config", None)
     image_token = getattr(cfg, "image_token_id", None)
     if image_token is None:
         image_token = getattr(cfg, "image_token_index", None)
     kind = type(model).__name__
-    if vcfg is None or image_token is None or "Llava" not in kind or "Next" in kind:
+    if getattr(cfg, "vision_config", None) is None or image_token is None \
+            or "Llava" not in kind or "Next" in kind:
         raise ValueError(
-            f"probing the projector or vision tower needs image probes, which dowser makes for "
-            f"Llava-style models only, not {kind}: probe its language layers (default), or pass "
-            "targets=... with statistics from your own dataloader of image inputs")
+            f"probing the projector or vision tower data-free needs noise-image probes, which "
+            f"dowser makes for Llava-style models only, not {kind}: probe its language layers "
+            "(the default), or pass a dataloader of real image inputs")
+
+
+def _image_probe_inputs(model: nn.Module, batch: _Batch, seed: int) -> dict[str, torch.Tensor]:
+    _check_image_probes(model)
+    cfg = model.config
+    vcfg = cfg.vision_config
+    image_token = getattr(cfg, "image_token_id", None)
+    if image_token is None:
+        image_token = cfg.image_token_index
     size, patch = int(vcfg.image_size), int(vcfg.patch_size)
     n_img = (size // patch) ** 2
     if getattr(cfg, "vision_feature_select_strategy", "default") == "full":
@@ -729,8 +740,14 @@ def _probe(model, tokenizer, *, layers, targets, n_samples, batch_size, n_radema
                          include_vision=include_vision)
     named = dict(model.named_modules())
     modules = {n: named[n] for n in roles}
-    text_mods = {n: m for n, m in modules.items() if roles[n] in ("text", "lm_head")}
-    image_mods = {n: m for n, m in modules.items() if roles[n] in ("projector", "vision")}
+    synthetic = prompts is None and dataloader is None
+    # Data-free: text prompts cannot reach the projector or vision tower, so those get their
+    # own pass with noise-image probes. Real data: the user's inputs reach whatever they reach.
+    image_roles = ("projector", "vision") if synthetic else ()
+    text_mods = {n: m for n, m in modules.items() if roles[n] not in image_roles}
+    image_mods = {n: m for n, m in modules.items() if roles[n] in image_roles}
+    if image_mods:
+        _check_image_probes(model)
     # Keep only the last position's logits when nothing needs the others (saves the lm_head
     # matmul and its backward over every token).
     keep_last = "lm_head" not in roles.values() and _accepts(model, "logits_to_keep")

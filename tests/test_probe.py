@@ -233,6 +233,15 @@ def test_equivalent_to_authors_loop(arch, estimator):
         w = mods[name].weight
         ours = entry.scores(w.T if arch == "gpt2" else w)
         torch.testing.assert_close(ours.float(), theirs[name], rtol=1e-5, atol=1e-12)
+    # masks: ours from the factors through dowser.ops.build_mask (over the weight as stored),
+    # theirs by sorting the dense score matrix, transposed to GPT-2's stored layout
+    from dowser import build_masks
+    masks = build_masks(model, stats, rho=0.1)
+    for name in stats:
+        dense = theirs[name].T if arch == "gpt2" else theirs[name]
+        k = int(math.floor(0.1 * dense.numel() + 0.5))
+        want, _ = reference.select_from_scores(dense.contiguous(), k)
+        assert torch.equal(masks[name + ".weight"], want), name
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -583,17 +583,16 @@ def _token_mean(x: torch.Tensor, token_mask: torch.Tensor | None, acc_dtype: tor
 
 
 @contextmanager
-def _probing_state(model: nn.Module, target_weights: Sequence[torch.Tensor]):
-    """Eval mode, only the targets' weights requiring grad (so the graph reaches every target's
-    output and nothing else); mode and requires_grad restored afterwards, whatever happens."""
+def _probing_state(model: nn.Module):
+    """Eval mode and no parameter requiring grad (the graph starts at the targets' inputs, see
+    `_probe_pass`), so no parameter gradient is ever computed and the graph saves no layer
+    input for one; mode and requires_grad restored afterwards, whatever happens."""
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         model.eval()
         for p, _ in flags:
             p.requires_grad_(False)
-        for w in target_weights:
-            w.requires_grad_(True)
         yield
     finally:
         for p, flag in flags:
@@ -617,14 +616,34 @@ def _probe_pass(model: nn.Module, modules: dict[str, nn.Module], batch: _Batch,
     """One forward with hooks + R backwards through the retained graph for one batch.
     Returns name -> (psi (d_out,), a (d_in,)) in the accumulation dtype."""
     dev = _model_device(model)
-    outputs: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     a_sum: dict[str, torch.Tensor] = {}
     a_cnt: dict[str, int] = {n: 0 for n in modules}
     tmask = batch.token_mask.to(dev) if batch.token_mask is not None else None
     acc_dtype = torch.float64 if next(iter(modules.values())).weight.dtype == torch.float64 \
         else torch.float32
+    psi = {n: torch.zeros(layer_dims(modules[n])[0], dtype=acc_dtype, device=dev) for n in modules}
+    square = estimator == "l2"
+    leaves: list[torch.Tensor] = []   # where the graph starts (see pre_hook)
+    outputs: list[torch.Tensor] = []  # targets' outputs, kept only when there is no leaf
+    n_reached = [0]
+
+    def pre_hook(mod, args):
+        # Start the graph here: a target whose input does not need grad gets it as a fresh leaf,
+        # so everything downstream (all that J_i depends on) is recorded, nothing upstream, and
+        # no parameter needs grad.
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() \
+                and not args[0].requires_grad:
+            leaf = args[0].detach().requires_grad_(True)
+            leaves.append(leaf)
+            return (leaf,) + tuple(args[1:])
+        return None
 
     def make_hook(name):
+        def grad_hook(g):
+            # Reduce dL/dz to its per-feature token mean as soon as autograd produces it, so
+            # no layer's full output gradient outlives its own backward step.
+            psi[name] += _token_mean(g, tmask, acc_dtype, square=square)
+
         def hook(mod, args, out):
             h = args[0] if args else None
             if isinstance(h, torch.Tensor):
@@ -632,10 +651,13 @@ def _probe_pass(model: nn.Module, modules: dict[str, nn.Module], batch: _Batch,
                 a_sum[name] = a if name not in a_sum else a_sum[name] + a
                 a_cnt[name] += 1
             if isinstance(out, torch.Tensor) and out.requires_grad:
-                outputs[name].append(out)
+                out.register_hook(grad_hook)
+                outputs.append(out)
+                n_reached[0] += 1
         return hook
 
     handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+    handles += [m.register_forward_pre_hook(pre_hook) for m in modules.values()]
     try:
         kwargs = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         if "pixel_values" in kwargs:
@@ -644,34 +666,31 @@ def _probe_pass(model: nn.Module, modules: dict[str, nn.Module], batch: _Batch,
             kwargs["logits_to_keep"] = 1
         if _accepts(model, "use_cache"):
             kwargs.setdefault("use_cache", False)  # no KV cache to build while probing
-        out = model(**kwargs)
+        with torch.enable_grad():
+            out = model(**kwargs)
     finally:
         for h in handles:
             h.remove()
     f = _logits_of(out)[:, -1, :]
+    del out
+    if leaves:
+        outputs.clear()  # the hooks live on the graph; the outputs themselves may be freed
+    grad_inputs = leaves or outputs
     n_rows, vocab = f.shape
     if xi_fn is not None:
         xi = xi_fn(batch.index, n_rademacher, n_rows, vocab)
     else:
         xi = rademacher(seed, batch.index, n_rademacher, n_rows, vocab)
-    names = [n for n in modules if outputs[n]]
-    zs = [z for n in names for z in outputs[n]]
-    psi = {n: torch.zeros(layer_dims(modules[n])[0], dtype=acc_dtype, device=dev) for n in modules}
-    square = estimator == "l2"
-    if not f.requires_grad and zs:
+    if n_reached[0] and not f.requires_grad:
         raise RuntimeError("the logits do not depend on the probed layers' outputs")
     for r in range(n_rademacher):
-        loss = (xi[r].to(device=f.device, dtype=f.dtype) * f).sum() / n_rows
-        grads = torch.autograd.grad(loss, zs, retain_graph=r < n_rademacher - 1,
-                                    allow_unused=True) if zs else []
-        k = 0
-        for n in names:
-            for z in outputs[n]:
-                g = grads[k]
-                k += 1
-                if g is not None:
-                    psi[n] += _token_mean(g, tmask, acc_dtype, square=square)
-    del out, f, zs, outputs
+        if not n_reached[0]:
+            break
+        with torch.enable_grad():
+            loss = (xi[r].to(device=f.device, dtype=f.dtype) * f).sum() / n_rows
+            torch.autograd.grad(loss, grad_inputs, retain_graph=r < n_rademacher - 1,
+                                allow_unused=True)
+    del f, leaves, outputs, grad_inputs
     result = {}
     for n, mod in modules.items():
         p = psi[n] / n_rademacher
@@ -754,7 +773,7 @@ def _probe(model, tokenizer, *, layers, targets, n_samples, batch_size, n_radema
 
     from tqdm.auto import tqdm
 
-    with _probing_state(model, [modules[n].weight for n in modules]):
+    with _probing_state(model):
         # Draw the synthetic prompts in eval mode with nothing requiring grad.
         mode, batches, total = _batches(model, tokenizer, n_samples=n_samples,
                                         batch_size=batch_size, seq_len=seq_len, seed=seed,

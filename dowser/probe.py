@@ -305,8 +305,14 @@ def derive_seed(seed: int, batch: int, stream: str) -> int:
 def rademacher(seed: int, batch: int, n_draws: int, n_rows: int, vocab: int) -> torch.Tensor:
     """The Rademacher vectors xi of probe batch `batch`: (n_draws, n_rows, vocab) of +-1 (fp32,
     CPU), drawn from (seed, batch) alone."""
-    gen = torch.Generator().manual_seed(derive_seed(seed, batch, "xi"))
-    bits = torch.randint(0, 2, (n_draws, n_rows, vocab), generator=gen, dtype=torch.int8)
+    return torch.stack([_rademacher_one(seed, batch, r, n_rows, vocab) for r in range(n_draws)])
+
+
+def _rademacher_one(seed: int, batch: int, draw: int, n_rows: int, vocab: int) -> torch.Tensor:
+    # One generator per draw, so a draw is made only when its backward runs (no R x vocab
+    # buffer) and R can grow without changing the earlier draws.
+    gen = torch.Generator().manual_seed(derive_seed(seed, batch, f"xi{draw}"))
+    bits = torch.randint(0, 2, (n_rows, vocab), generator=gen, dtype=torch.int8)
     return bits.float() * 2 - 1
 
 
@@ -677,17 +683,15 @@ def _probe_pass(model: nn.Module, modules: dict[str, nn.Module], batch: _Batch,
         outputs.clear()  # the hooks live on the graph; the outputs themselves may be freed
     grad_inputs = leaves or outputs
     n_rows, vocab = f.shape
-    if xi_fn is not None:
-        xi = xi_fn(batch.index, n_rademacher, n_rows, vocab)
-    else:
-        xi = rademacher(seed, batch.index, n_rademacher, n_rows, vocab)
+    xi = xi_fn(batch.index, n_rademacher, n_rows, vocab) if xi_fn is not None else None
     if n_reached[0] and not f.requires_grad:
         raise RuntimeError("the logits do not depend on the probed layers' outputs")
     for r in range(n_rademacher):
         if not n_reached[0]:
             break
         with torch.enable_grad():
-            loss = (xi[r].to(device=f.device, dtype=f.dtype) * f).sum() / n_rows
+            x = xi[r] if xi is not None else _rademacher_one(seed, batch.index, r, n_rows, vocab)
+            loss = (x.to(device=f.device, dtype=f.dtype) * f).sum() / n_rows
             torch.autograd.grad(loss, grad_inputs, retain_graph=r < n_rademacher - 1,
                                 allow_unused=True)
     del f, leaves, outputs, grad_inputs

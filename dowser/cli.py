@@ -109,6 +109,7 @@ def plot_masks(masks, path: str) -> None:
     for mtype, pts in by_type.items():
         pts.sort()
         ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mtype)
+    ax1.xaxis.get_major_locator().set_params(integer=True)
     ax1.set_xlabel("layer")
     ax1.set_ylabel("trainable fraction")
     ax1.set_title(f"trainable fraction per layer (rho={masks.metadata.get('rho')}, "
@@ -121,9 +122,9 @@ def plot_masks(masks, path: str) -> None:
     for mtype, parts in samples.items():
         vals = torch.cat(parts).log10()
         if vals.numel():
-            ax2.hist(vals.numpy(), bins=60, histtype="step", label=mtype)
+            ax2.hist(vals.numpy(), bins=60, histtype="step", density=True, label=mtype)
     ax2.set_xlabel("log10 score (sampled entries)")
-    ax2.set_ylabel("count")
+    ax2.set_ylabel("density")
     ax2.set_title("score distribution per matrix type")
     if samples:
         ax2.legend(fontsize=8)

@@ -627,7 +627,9 @@ def _probe_pass(model: nn.Module, modules: dict[str, nn.Module], batch: _Batch,
     tmask = batch.token_mask.to(dev) if batch.token_mask is not None else None
     acc_dtype = torch.float64 if next(iter(modules.values())).weight.dtype == torch.float64 \
         else torch.float32
-    psi = {n: torch.zeros(layer_dims(modules[n])[0], dtype=acc_dtype, device=dev) for n in modules}
+    # accumulators live with each layer (models split across devices keep working)
+    psi = {n: torch.zeros(layer_dims(m)[0], dtype=acc_dtype, device=m.weight.device)
+           for n, m in modules.items()}
     square = estimator == "l2"
     leaves: list[torch.Tensor] = []   # where the graph starts (see pre_hook)
     outputs: list[torch.Tensor] = []  # targets' outputs, kept only when there is no leaf
@@ -701,7 +703,8 @@ def _probe_pass(model: nn.Module, modules: dict[str, nn.Module], batch: _Batch,
         if square:
             p = p.sqrt()
         d_in = layer_dims(mod)[1]
-        a = a_sum[n] / a_cnt[n] if a_cnt[n] else torch.zeros(d_in, dtype=acc_dtype, device=dev)
+        a = a_sum[n].to(mod.weight.device) / a_cnt[n] if a_cnt[n] else \
+            torch.zeros(d_in, dtype=acc_dtype, device=mod.weight.device)
         result[n] = (p, a)
     return result
 
@@ -735,7 +738,7 @@ def probe(model: nn.Module, tokenizer: Any = None, *, layers: int | None = None,
 
     Returns:
         ProbeStats: module name -> ProbeEntry(out_factors (B, d_out), in_factors (B, d_in),
-        batch_weights (B,)), fp32 on the model's device. The projector's input factor and the
+        batch_weights (B,)), fp32 on each layer's device. The projector's input factor and the
         lm_head's output factor are ones (the authors' boundary rule).
     """
     if estimator not in ("l1", "l2"):
@@ -791,7 +794,6 @@ def _probe(model, tokenizer, *, layers, targets, n_samples, batch_size, n_radema
         psi_rows: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
         a_rows: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
         weights: list[float] = []
-        order: list[int] = []
         for batch in tqdm(batches, total=total, disable=not progress, desc="dowser probe",
                           unit="batch"):
             results = {}
@@ -806,7 +808,6 @@ def _probe(model, tokenizer, *, layers, targets, n_samples, batch_size, n_radema
                 psi_rows[n].append(results[n][0].float())
                 a_rows[n].append(results[n][1].float())
             weights.append(float(batch.n_rows))
-            order.append(batch.index)
     if not weights:
         raise ValueError("no probe batches: prompts/dataloader gave nothing")
     dev = _model_device(model)
@@ -815,11 +816,12 @@ def _probe(model, tokenizer, *, layers, targets, n_samples, batch_size, n_radema
     for n in modules:
         psi = torch.stack(psi_rows[n])
         a = torch.stack(a_rows[n])
-        if roles[n] == "projector" and n in _projector_inputs(model, list(image_mods)):
+        if roles[n] == "projector" and n in _projector_inputs(
+                model, [m for m in modules if roles[m] == "projector"]):
             a = torch.ones_like(a)  # boundary rule: the projector's input factor is ones
         if roles[n] == "lm_head":
             psi = torch.ones_like(psi)  # boundary rule: the lm_head's output factor is ones
-        entries[n] = ProbeEntry(psi, a, bw.clone())
+        entries[n] = ProbeEntry(psi, a, bw.to(psi.device))
     meta = {
         "n_samples": int(sum(weights)), "n_batches": len(weights), "n_rademacher": n_rademacher,
         "estimator": estimator, "seed": seed, "seq_len": seq_len, "batch_size": batch_size,

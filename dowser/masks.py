@@ -98,9 +98,9 @@ class MaskSet(Mapping):
         """Write the masks (int32 words) and metadata to a safetensors file (no pickle)."""
         from safetensors.torch import save_file
 
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self._masks.items()}
+        tensors = {k: v.detach().cpu().clone() for k, v in self._masks.items()}
         for k, v in self.score_samples.items():
-            tensors[_SAMPLES_PREFIX + k] = v.detach().float().cpu().contiguous()
+            tensors[_SAMPLES_PREFIX + k] = v.detach().float().cpu().clone()
         meta = dict(self.metadata)
         meta["kind"] = "dowser.MaskSet"
         meta["format_version"] = FORMAT_VERSION

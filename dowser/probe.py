@@ -90,7 +90,8 @@ class ProbeStats(Mapping):
         for name, e in self._entries.items():
             tensors[f"{name}.out_factors"] = e.out_factors.detach().float().cpu().contiguous()
             tensors[f"{name}.in_factors"] = e.in_factors.detach().float().cpu().contiguous()
-            tensors[f"{name}.batch_weights"] = e.batch_weights.detach().float().cpu().contiguous()
+            # clone: entries may share one batch-weights tensor, which safetensors refuses
+            tensors[f"{name}.batch_weights"] = e.batch_weights.detach().float().cpu().clone()
         meta = dict(self.metadata)
         meta["kind"] = "dowser.ProbeStats"
         meta["format_version"] = FORMAT_VERSION
@@ -821,7 +822,7 @@ def _probe(model, tokenizer, *, layers, targets, n_samples, batch_size, n_radema
             a = torch.ones_like(a)  # boundary rule: the projector's input factor is ones
         if roles[n] == "lm_head":
             psi = torch.ones_like(psi)  # boundary rule: the lm_head's output factor is ones
-        entries[n] = ProbeEntry(psi, a, bw.to(psi.device))
+        entries[n] = ProbeEntry(psi, a, bw.to(psi.device).clone())
     meta = {
         "n_samples": int(sum(weights)), "n_batches": len(weights), "n_rademacher": n_rademacher,
         "estimator": estimator, "seed": seed, "seq_len": seq_len, "batch_size": batch_size,

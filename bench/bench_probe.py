@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 from common import write_results
@@ -176,4 +174,3 @@ if __name__ == "__main__":
              "above the RSS before the call (model loaded). (b): hamming = fraction of entries "
              "whose rho=0.1 mask bit differs (max 0.2). " + args.notes)
     write_results("probe", rows, "cpu", notes=notes)
-    Path(__file__).resolve()

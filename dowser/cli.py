@@ -106,9 +106,16 @@ def plot_masks(masks, path: str) -> None:
         layer = int(nums[-1]) if nums else i
         by_type.setdefault(mtype, []).append((layer, t / n if n else 0.0))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    palette = plt.get_cmap("tab10")
+    colors = {t: palette(i % 10) for i, t in enumerate(by_type)}  # same colour in both panels
+    top = 0.0
     for mtype, pts in by_type.items():
         pts.sort()
-        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mtype)
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mtype,
+                 color=colors[mtype])
+        top = max([top] + [p[1] for p in pts])
+    ax1.set_ylim(0, max(top * 1.15, 1e-3))
+    ax1.ticklabel_format(axis="y", useOffset=False)
     ax1.xaxis.get_major_locator().set_params(integer=True)
     ax1.set_xlabel("layer")
     ax1.set_ylabel("trainable fraction")
@@ -122,7 +129,8 @@ def plot_masks(masks, path: str) -> None:
     for mtype, parts in samples.items():
         vals = torch.cat(parts).log10()
         if vals.numel():
-            ax2.hist(vals.numpy(), bins=60, histtype="step", density=True, label=mtype)
+            ax2.hist(vals.numpy(), bins=60, histtype="step", density=True, label=mtype,
+                     color=colors.get(mtype))
     ax2.set_xlabel("log10 score (sampled entries)")
     ax2.set_ylabel("density")
     ax2.set_title("score distribution per matrix type")

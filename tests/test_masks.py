@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-import dowser
 from dowser import MaskSet, build_masks, prepare, probe
 from dowser.ops import popcount, unpack_mask
 from tests.models import ARCHITECTURES, tiny_gpt2, tiny_llama

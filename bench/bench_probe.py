@@ -169,8 +169,9 @@ if __name__ == "__main__":
     if args.part in ("b", "all"):
         rows += part_b()
     notes = ("SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32 Llama, 30 layers), CPU. "
-             "(a): each method in a fresh subprocess on the same synthetic batch; first_s "
-             "includes the one-time warm-up, warm_s is a second run; extra_peak_MB is peak RSS "
-             "above the RSS before the call (model loaded). (b): hamming = fraction of entries "
+             "(a): each method in a fresh subprocess on the same synthetic batch, after a "
+             "warm-up on a 1x8 batch; first_s is the first full-size run (its peak is "
+             "extra_peak_MB: peak RSS above the RSS before the call, model loaded), warm_s a "
+             "second run. (b): hamming = fraction of entries "
              "whose rho=0.1 mask bit differs (max 0.2). " + args.notes)
     write_results("probe", rows, "cpu", notes=notes)

@@ -9,4 +9,23 @@ namespace dowser {
 torch::Tensor pack_mask_cpu(const torch::Tensor& mask);
 torch::Tensor unpack_mask_cpu(const torch::Tensor& packed, int64_t numel);
 
+// Masked optimizer steps (csrc/cpu/masked_adamw.cpp). An empty masks[i] means every entry
+// trains; a non-empty offsets[i] (per-word popcount prefix sums) means compact fp32 state.
+// Returns per-tensor NaN/Inf counts of trainable gradients; nothing is written if any is > 0.
+torch::Tensor masked_adamw_cpu(const std::vector<torch::Tensor>& params,
+                               const std::vector<torch::Tensor>& grads,
+                               const std::vector<torch::Tensor>& exp_avgs,
+                               const std::vector<torch::Tensor>& exp_avg_sqs,
+                               const std::vector<torch::Tensor>& masks,
+                               const std::vector<torch::Tensor>& offsets,
+                               const std::vector<double>& steps, double lr, double beta1,
+                               double beta2, double eps, double weight_decay, bool maximize);
+torch::Tensor masked_sgd_cpu(const std::vector<torch::Tensor>& params,
+                             const std::vector<torch::Tensor>& grads,
+                             const std::vector<torch::Tensor>& bufs,
+                             const std::vector<torch::Tensor>& masks,
+                             const std::vector<torch::Tensor>& offsets, const std::vector<bool>& first,
+                             double lr, double momentum, double dampening, double weight_decay,
+                             bool nesterov, bool maximize);
+
 }  // namespace dowser

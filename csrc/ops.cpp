@@ -15,4 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_mask_cpu", &dowser::pack_mask_cpu, "pack a bool mask into int32 words", py::arg("mask"));
   m.def("unpack_mask_cpu", &dowser::unpack_mask_cpu, "unpack int32 words into a flat bool mask",
         py::arg("packed"), py::arg("numel"));
+  // masked optimizer steps (issue 5)
+  m.def("masked_adamw_cpu", &dowser::masked_adamw_cpu, "masked AdamW step on packed masks (CPU)");
+  m.def("masked_sgd_cpu", &dowser::masked_sgd_cpu, "masked SGD step on packed masks (CPU)");
 }

@@ -14,3 +14,8 @@ from dowser._registry import backend_info  # noqa: E402
 from dowser.selfcheck import selfcheck  # noqa: E402
 
 __all__ = ["__version__", "ops", "backend_info", "selfcheck"]
+
+# masked optimizers (issue 5)
+from dowser.optim import MaskedAdamW, MaskedSGD, mask_gradients  # noqa: E402
+
+__all__ += ["MaskedAdamW", "MaskedSGD", "mask_gradients"]

@@ -5,3 +5,4 @@ The public functions live in dowser.ops.
 """
 
 from dowser._ops import pack  # noqa: F401
+from dowser._ops import optim  # noqa: F401  (masked optimizer steps)

@@ -1,0 +1,498 @@
+// CPU masked AdamW / SGD steps on bit-packed masks (layout: DESIGN.md §2), with compact state.
+//
+// Work is split into blocks of kBlockWords mask words (OpenMP over blocks of all tensors of a
+// group). A block runs in three phases so that the arithmetic touches only trainable entries:
+//   A. gather: the trainable entries of param and grad (and of dense state) are compressed
+//      into small thread-local fp32 buffers (AVX-512 compress, or a ctz loop);
+//   B. math: one contiguous, vectorisable loop over the block's k_b entries; compact state is
+//      contiguous already (it starts at the block's popcount prefix sum);
+//   C. scatter: new values go back into the trainable lanes only (masked stores): a frozen
+//      entry is never written, whatever its gradient holds.
+// Before any of that, a read-only pass counts NaN/Inf gradients in trainable entries; if there
+// is one, nothing at all is written and the counts are returned to Python (which raises).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "../dowser.h"
+
+// No FMA contraction (the reference and every path round the same way) and no errno from
+// sqrt (lets the math loops vectorise).
+#pragma GCC optimize("fp-contract=off", "no-math-errno")
+
+namespace dowser {
+namespace {
+
+constexpr int64_t kBlockWords = 256;  // 8192 entries: 32 KiB per fp32 buffer
+constexpr int64_t kBlockEntries = kBlockWords * 32;
+
+enum class Kind { F32, F16, BF16 };
+
+struct Item {
+  void* param;
+  const void* grad;
+  float* s1;  // exp_avg / momentum buffer (may be null for SGD without momentum)
+  float* s2;  // exp_avg_sq (AdamW only)
+  const uint32_t* mask;     // null: every entry trains
+  const int32_t* offsets;   // null: state is dense (shaped like the parameter)
+  int64_t n;
+  Kind kind;
+  float step_size, bc2_sqrt;  // AdamW per-tensor bias corrections
+  bool first;                 // SGD: fresh momentum buffer
+};
+
+struct Task {
+  int item;
+  int64_t w0, w1;  // word range
+};
+
+inline float load1(const Item& it, const void* base, int64_t i) {
+  switch (it.kind) {
+    case Kind::F32: return static_cast<const float*>(base)[i];
+    case Kind::F16: return static_cast<float>(static_cast<const c10::Half*>(base)[i]);
+    default: return static_cast<float>(static_cast<const c10::BFloat16*>(base)[i]);
+  }
+}
+
+inline void store1(const Item& it, void* base, int64_t i, float x) {
+  switch (it.kind) {
+    case Kind::F32: static_cast<float*>(base)[i] = x; break;
+    case Kind::F16: static_cast<c10::Half*>(base)[i] = c10::Half(x); break;
+    default: static_cast<c10::BFloat16*>(base)[i] = c10::BFloat16(x); break;
+  }
+}
+
+inline uint32_t word_at(const Item& it, int64_t w) {
+  if (it.mask) return it.mask[w];
+  const int64_t left = it.n - w * 32;  // unmasked: all ones, but never past the end
+  return left >= 32 ? 0xFFFFFFFFu : ((1u << left) - 1u);
+}
+
+inline bool nonfinite(float x) { return !std::isfinite(x); }
+
+// ---- AVX-512 helpers (compiled for avx512 with a target attribute; chosen at run time) ------
+#define DOWSER_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+DOWSER_AVX512 inline __m512 load16(const Item& it, const void* base, int64_t i, __mmask16 k) {
+  switch (it.kind) {
+    case Kind::F32: return _mm512_maskz_loadu_ps(k, static_cast<const float*>(base) + i);
+    case Kind::F16: {
+      __m256i h = _mm256_maskz_loadu_epi16(k, static_cast<const c10::Half*>(base) + i);
+      return _mm512_cvtph_ps(h);
+    }
+    default: {
+      __m256i h = _mm256_maskz_loadu_epi16(k, static_cast<const c10::BFloat16*>(base) + i);
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+  }
+}
+
+DOWSER_AVX512 inline void store16(const Item& it, void* base, int64_t i, __mmask16 k, __m512 x) {
+  switch (it.kind) {
+    case Kind::F32: _mm512_mask_storeu_ps(static_cast<float*>(base) + i, k, x); break;
+    case Kind::F16: {
+      __m256i h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm256_mask_storeu_epi16(static_cast<c10::Half*>(base) + i, k, h);
+      break;
+    }
+    default: {
+      // Round to nearest even, as c10::BFloat16 does (values here are finite).
+      __m512i u = _mm512_castps_si512(x);
+      __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                      _mm512_set1_epi32(0x7FFF));
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+      _mm256_mask_storeu_epi16(static_cast<c10::BFloat16*>(base) + i, k, _mm512_cvtepi32_epi16(r));
+      break;
+    }
+  }
+}
+
+DOWSER_AVX512 int64_t count_bad_avx512(const Item& it, int64_t w0, int64_t w1) {
+  int64_t bad = 0;
+  const __m512i expo = _mm512_set1_epi32(0x7F800000);
+  for (int64_t w = w0; w < w1; ++w) {
+    const uint32_t word = word_at(it, w);
+    if (!word) continue;
+    for (int h = 0; h < 2; ++h) {
+      const __mmask16 k = static_cast<__mmask16>(word >> (16 * h));
+      if (!k) continue;
+      __m512 g = load16(it, it.grad, w * 32 + 16 * h, k);
+      __mmask16 nf = _mm512_mask_cmpeq_epi32_mask(
+          k, _mm512_and_si512(_mm512_castps_si512(g), expo), expo);
+      bad += __builtin_popcount(nf);
+    }
+  }
+  return bad;
+}
+
+int64_t count_bad_scalar(const Item& it, int64_t w0, int64_t w1) {
+  int64_t bad = 0;
+  for (int64_t w = w0; w < w1; ++w) {
+    uint32_t word = word_at(it, w);
+    while (word) {
+      const int b = __builtin_ctz(word);
+      word &= word - 1;
+      bad += nonfinite(load1(it, it.grad, w * 32 + b));
+    }
+  }
+  return bad;
+}
+
+// Phase A/C for one block: gather the trainable entries of `src` into buf / scatter them back.
+DOWSER_AVX512 int64_t gather_avx512(const Item& it, const void* src, bool f32state, int64_t w0,
+                                    int64_t w1, float* buf) {
+  int64_t j = 0;
+  for (int64_t w = w0; w < w1; ++w) {
+    const uint32_t word = word_at(it, w);
+    if (!word) continue;
+    for (int h = 0; h < 2; ++h) {
+      const __mmask16 k = static_cast<__mmask16>(word >> (16 * h));
+      if (!k) continue;
+      const int64_t i = w * 32 + 16 * h;
+      __m512 x = f32state ? _mm512_maskz_loadu_ps(k, static_cast<const float*>(src) + i)
+                          : load16(it, src, i, k);
+      _mm512_mask_compressstoreu_ps(buf + j, k, x);
+      j += __builtin_popcount(k);
+    }
+  }
+  return j;
+}
+
+DOWSER_AVX512 void scatter_avx512(const Item& it, void* dst, bool f32state, int64_t w0, int64_t w1,
+                                  const float* buf) {
+  int64_t j = 0;
+  for (int64_t w = w0; w < w1; ++w) {
+    const uint32_t word = word_at(it, w);
+    if (!word) continue;
+    for (int h = 0; h < 2; ++h) {
+      const __mmask16 k = static_cast<__mmask16>(word >> (16 * h));
+      if (!k) continue;
+      const int64_t i = w * 32 + 16 * h;
+      __m512 x = _mm512_maskz_expandloadu_ps(k, buf + j);
+      if (f32state) _mm512_mask_storeu_ps(static_cast<float*>(dst) + i, k, x);
+      else store16(it, dst, i, k, x);
+      j += __builtin_popcount(k);
+    }
+  }
+}
+
+int64_t gather_scalar(const Item& it, const void* src, bool f32state, int64_t w0, int64_t w1,
+                      float* buf) {
+  int64_t j = 0;
+  for (int64_t w = w0; w < w1; ++w) {
+    uint32_t word = word_at(it, w);
+    while (word) {
+      const int64_t i = w * 32 + __builtin_ctz(word);
+      word &= word - 1;
+      buf[j++] = f32state ? static_cast<const float*>(src)[i] : load1(it, src, i);
+    }
+  }
+  return j;
+}
+
+void scatter_scalar(const Item& it, void* dst, bool f32state, int64_t w0, int64_t w1,
+                    const float* buf) {
+  int64_t j = 0;
+  for (int64_t w = w0; w < w1; ++w) {
+    uint32_t word = word_at(it, w);
+    while (word) {
+      const int64_t i = w * 32 + __builtin_ctz(word);
+      word &= word - 1;
+      if (f32state) static_cast<float*>(dst)[i] = buf[j++];
+      else store1(it, dst, i, buf[j++]);
+    }
+  }
+}
+
+// ---- Phase B: the math over contiguous buffers (auto-vectorised; an AVX-512 clone) ---------
+struct AdamScalars {
+  float decay, w1, beta2, one_minus_beta2, eps;
+  bool maximize;
+};
+
+// PyTorch's fused AdamW order: p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g*g;
+// denom = sqrt(v)/sqrt(bc2) + eps; p -= (lr/bc1) * m / denom.
+template <bool kMax>
+__attribute__((always_inline)) inline void adam_math(int64_t n, float* __restrict p, const float* __restrict g,
+                      float* __restrict m, float* __restrict v, const AdamScalars& s,
+                      float step_size, float bc2_sqrt) {
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) {
+    const float gt = kMax ? -g[t] : g[t];
+    const float pt = p[t] * s.decay;
+    const float mt = m[t] + s.w1 * (gt - m[t]);
+    const float vt = s.beta2 * v[t] + s.one_minus_beta2 * (gt * gt);
+    const float denom = std::sqrt(vt) / bc2_sqrt + s.eps;
+    m[t] = mt;
+    v[t] = vt;
+    p[t] = pt - (step_size * mt) / denom;
+  }
+}
+
+DOWSER_AVX512 void adam_math_avx512(int64_t n, float* p, const float* g, float* m, float* v,
+                                    const AdamScalars& s, float step_size, float bc2_sqrt) {
+  if (s.maximize) adam_math<true>(n, p, g, m, v, s, step_size, bc2_sqrt);
+  else adam_math<false>(n, p, g, m, v, s, step_size, bc2_sqrt);
+}
+
+void adam_math_generic(int64_t n, float* p, const float* g, float* m, float* v,
+                       const AdamScalars& s, float step_size, float bc2_sqrt) {
+  if (s.maximize) adam_math<true>(n, p, g, m, v, s, step_size, bc2_sqrt);
+  else adam_math<false>(n, p, g, m, v, s, step_size, bc2_sqrt);
+}
+
+struct SgdScalars {
+  float lr, momentum, one_minus_dampening, wd;
+  bool nesterov, maximize, has_momentum;
+};
+
+__attribute__((always_inline)) inline void sgd_math(int64_t n, float* __restrict p, const float* __restrict g, float* __restrict b,
+                     const SgdScalars& s, bool first) {
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) {
+    float d = s.maximize ? -g[t] : g[t];
+    if (s.wd != 0.0f) d = d + s.wd * p[t];
+    if (s.has_momentum) {
+      const float bt = first ? d : s.momentum * b[t] + s.one_minus_dampening * d;
+      b[t] = bt;
+      d = s.nesterov ? d + s.momentum * bt : bt;
+    }
+    p[t] = p[t] - s.lr * d;
+  }
+}
+
+DOWSER_AVX512 void sgd_math_avx512(int64_t n, float* p, const float* g, float* b, const SgdScalars& s,
+                                   bool first) {
+  sgd_math(n, p, g, b, s, first);
+}
+
+void sgd_math_generic(int64_t n, float* p, const float* g, float* b, const SgdScalars& s, bool first) {
+  sgd_math(n, p, g, b, s, first);
+}
+
+bool have_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         std::getenv("DOWSER_NO_AVX512") == nullptr;
+  return ok;
+}
+
+Kind kind_of(const torch::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case torch::kFloat: return Kind::F32;
+    case torch::kHalf: return Kind::F16;
+    case torch::kBFloat16: return Kind::BF16;
+    default: TORCH_CHECK(false, what, ": parameters must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return Kind::F32;
+}
+
+// Validates one tensor's arguments and fills the Item (state pointers filled by the caller).
+Item make_item(const torch::Tensor& param, const torch::Tensor& grad, const torch::Tensor& mask,
+               const torch::Tensor& offsets, const char* op) {
+  TORCH_CHECK(param.device().is_cpu() && grad.device().is_cpu(), op, ": tensors must be on CPU");
+  TORCH_CHECK(param.is_contiguous(), op, ": param must be contiguous");
+  TORCH_CHECK(grad.is_contiguous(), op, ": grad must be contiguous");
+  TORCH_CHECK(grad.scalar_type() == param.scalar_type(), op, ": grad dtype ", grad.scalar_type(),
+              " differs from param dtype ", param.scalar_type());
+  TORCH_CHECK(grad.numel() == param.numel(), op, ": grad has ", grad.numel(), " entries, param ",
+              param.numel());
+  Item it{};
+  it.param = param.data_ptr();
+  it.grad = grad.data_ptr();
+  it.n = param.numel();
+  it.kind = kind_of(param, op);
+  const int64_t words = (it.n + 31) / 32;
+  if (mask.defined() && mask.numel() > 0) {
+    TORCH_CHECK(mask.scalar_type() == torch::kInt32 && mask.is_contiguous() && mask.numel() == words,
+                op, ": mask must be ", words, " contiguous int32 words");
+    it.mask = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
+  }
+  if (offsets.defined() && offsets.numel() > 0) {
+    TORCH_CHECK(it.mask != nullptr, op, ": offsets given without a mask");
+    TORCH_CHECK(offsets.scalar_type() == torch::kInt32 && offsets.is_contiguous() &&
+                    offsets.numel() == words,
+                op, ": offsets must be ", words, " contiguous int32 words");
+    it.offsets = offsets.data_ptr<int32_t>();
+  }
+  return it;
+}
+
+float* state_ptr(const torch::Tensor& s, const Item& it, const char* op, const char* what) {
+  TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == torch::kFloat && s.is_contiguous(), op, ": ",
+              what, " must be a contiguous float32 CPU tensor");
+  if (it.offsets == nullptr)
+    TORCH_CHECK(s.numel() == it.n, op, ": dense ", what, " has ", s.numel(), " entries, param ", it.n);
+  return s.data_ptr<float>();
+}
+
+std::vector<Task> make_tasks(const std::vector<Item>& items) {
+  std::vector<Task> tasks;
+  for (int i = 0; i < static_cast<int>(items.size()); ++i) {
+    const int64_t words = (items[i].n + 31) / 32;
+    for (int64_t w = 0; w < words; w += kBlockWords)
+      tasks.push_back({i, w, std::min(words, w + kBlockWords)});
+  }
+  return tasks;
+}
+
+// Counts NaN/Inf gradients in trainable entries per item (read-only pass).
+torch::Tensor count_bad(const std::vector<Item>& items, const std::vector<Task>& tasks) {
+  std::vector<int64_t> per_task(tasks.size(), 0);
+  const bool avx = have_avx512();
+  const int64_t nt = static_cast<int64_t>(tasks.size());
+#pragma omp parallel for schedule(dynamic, 4) if (nt > 1)
+  for (int64_t t = 0; t < nt; ++t) {
+    const Task& task = tasks[t];
+    per_task[t] = avx ? count_bad_avx512(items[task.item], task.w0, task.w1)
+                      : count_bad_scalar(items[task.item], task.w0, task.w1);
+  }
+  torch::Tensor bad = torch::zeros({static_cast<int64_t>(items.size())}, torch::kInt64);
+  int64_t* b = bad.data_ptr<int64_t>();
+  for (int64_t t = 0; t < nt; ++t) b[tasks[t].item] += per_task[t];
+  return bad;
+}
+
+// The update: `math(k, pbuf, gbuf, s1, s2, item)` runs phase B on one block's k entries.
+template <typename Math>
+void run_blocks(const std::vector<Item>& items, const std::vector<Task>& tasks, bool need_s1,
+                bool need_s2, Math math) {
+  const bool avx = have_avx512();
+  const int64_t nt = static_cast<int64_t>(tasks.size());
+#pragma omp parallel if (nt > 1)
+  {
+    std::vector<float> buf(4 * kBlockEntries);
+    float* pb = buf.data();
+    float* gb = pb + kBlockEntries;
+    float* s1b = gb + kBlockEntries;
+    float* s2b = s1b + kBlockEntries;
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t t = 0; t < nt; ++t) {
+      const Item& it = items[tasks[t].item];
+      const int64_t w0 = tasks[t].w0, w1 = tasks[t].w1;
+      if (it.mask == nullptr && it.kind == Kind::F32) {
+        // Unmasked fp32 with dense state: update in place, no gather.
+        const int64_t e0 = w0 * 32, e1 = std::min(it.n, w1 * 32);
+        math(e1 - e0, static_cast<float*>(it.param) + e0, static_cast<const float*>(it.grad) + e0,
+             need_s1 ? it.s1 + e0 : nullptr, need_s2 ? it.s2 + e0 : nullptr, it);
+        continue;
+      }
+      auto gather = [&](const void* src, bool f32, float* dst) {
+        return avx ? gather_avx512(it, src, f32, w0, w1, dst) : gather_scalar(it, src, f32, w0, w1, dst);
+      };
+      auto scatter = [&](void* dst, bool f32, const float* src) {
+        if (avx) scatter_avx512(it, dst, f32, w0, w1, src);
+        else scatter_scalar(it, dst, f32, w0, w1, src);
+      };
+      const int64_t k = gather(it.param, false, pb);
+      if (k == 0) continue;
+      gather(it.grad, false, gb);
+      float* s1 = nullptr;
+      float* s2 = nullptr;
+      if (it.offsets != nullptr) {  // compact: this block's state is contiguous
+        const int64_t off = it.offsets[w0];
+        s1 = need_s1 ? it.s1 + off : nullptr;
+        s2 = need_s2 ? it.s2 + off : nullptr;
+      } else {
+        if (need_s1) { gather(it.s1, true, s1b); s1 = s1b; }
+        if (need_s2) { gather(it.s2, true, s2b); s2 = s2b; }
+      }
+      math(k, pb, gb, s1, s2, it);
+      scatter(it.param, false, pb);
+      if (it.offsets == nullptr) {
+        if (need_s1) scatter(it.s1, true, s1b);
+        if (need_s2) scatter(it.s2, true, s2b);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor masked_adamw_cpu(const std::vector<torch::Tensor>& params,
+                               const std::vector<torch::Tensor>& grads,
+                               const std::vector<torch::Tensor>& exp_avgs,
+                               const std::vector<torch::Tensor>& exp_avg_sqs,
+                               const std::vector<torch::Tensor>& masks,
+                               const std::vector<torch::Tensor>& offsets,
+                               const std::vector<double>& steps, double lr, double beta1,
+                               double beta2, double eps, double weight_decay, bool maximize) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                  masks.size() == n && offsets.size() == n && steps.size() == n,
+              "masked_adamw_cpu: argument lists differ in length");
+  std::vector<Item> items;
+  items.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    Item it = make_item(params[i], grads[i], masks[i], offsets[i], "masked_adamw_cpu");
+    it.s1 = state_ptr(exp_avgs[i], it, "masked_adamw_cpu", "exp_avg");
+    it.s2 = state_ptr(exp_avg_sqs[i], it, "masked_adamw_cpu", "exp_avg_sq");
+    TORCH_CHECK(exp_avgs[i].numel() == exp_avg_sqs[i].numel(), "masked_adamw_cpu: state sizes differ");
+    // Bias corrections in double, then the fp32 scalars the math uses (as torch's fused AdamW).
+    const double bc1 = 1.0 - std::pow(beta1, steps[i]);
+    const double bc2 = 1.0 - std::pow(beta2, steps[i]);
+    it.step_size = static_cast<float>(lr / bc1);
+    it.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+    items.push_back(it);
+  }
+  const std::vector<Task> tasks = make_tasks(items);
+  torch::Tensor bad = count_bad(items, tasks);
+  const int64_t* b = bad.data_ptr<int64_t>();
+  for (size_t i = 0; i < n; ++i)
+    if (b[i]) return bad;  // nothing written
+
+  AdamScalars s{static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(1.0 - beta1),
+                static_cast<float>(beta2), static_cast<float>(1.0 - beta2), static_cast<float>(eps),
+                maximize};
+  const bool avx = have_avx512();
+  run_blocks(items, tasks, true, true,
+             [&](int64_t k, float* p, const float* g, float* m, float* v, const Item& it) {
+               if (avx) adam_math_avx512(k, p, g, m, v, s, it.step_size, it.bc2_sqrt);
+               else adam_math_generic(k, p, g, m, v, s, it.step_size, it.bc2_sqrt);
+             });
+  return bad;
+}
+
+torch::Tensor masked_sgd_cpu(const std::vector<torch::Tensor>& params,
+                             const std::vector<torch::Tensor>& grads,
+                             const std::vector<torch::Tensor>& bufs,
+                             const std::vector<torch::Tensor>& masks,
+                             const std::vector<torch::Tensor>& offsets, const std::vector<bool>& first,
+                             double lr, double momentum, double dampening, double weight_decay,
+                             bool nesterov, bool maximize) {
+  const size_t n = params.size();
+  const bool has_momentum = momentum != 0.0;
+  TORCH_CHECK(grads.size() == n && masks.size() == n && offsets.size() == n && first.size() == n &&
+                  (bufs.size() == n || (!has_momentum && bufs.empty())),
+              "masked_sgd_cpu: argument lists differ in length");
+  std::vector<Item> items;
+  items.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    Item it = make_item(params[i], grads[i], masks[i], offsets[i], "masked_sgd_cpu");
+    if (has_momentum) it.s1 = state_ptr(bufs[i], it, "masked_sgd_cpu", "momentum_buffer");
+    it.first = first[i];
+    items.push_back(it);
+  }
+  const std::vector<Task> tasks = make_tasks(items);
+  torch::Tensor bad = count_bad(items, tasks);
+  const int64_t* b = bad.data_ptr<int64_t>();
+  for (size_t i = 0; i < n; ++i)
+    if (b[i]) return bad;
+
+  SgdScalars s{static_cast<float>(lr), static_cast<float>(momentum),
+               static_cast<float>(1.0 - dampening), static_cast<float>(weight_decay), nesterov,
+               maximize, has_momentum};
+  const bool avx = have_avx512();
+  run_blocks(items, tasks, has_momentum, false,
+             [&](int64_t k, float* p, const float* g, float* buf, float*, const Item& it) {
+               if (avx) sgd_math_avx512(k, p, g, buf, s, it.first);
+               else sgd_math_generic(k, p, g, buf, s, it.first);
+             });
+  return bad;
+}
+
+}  // namespace dowser

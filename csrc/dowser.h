@@ -27,5 +27,25 @@ torch::Tensor masked_sgd_cpu(const std::vector<torch::Tensor>& params,
                              const std::vector<torch::Tensor>& offsets, const std::vector<bool>& first,
                              double lr, double momentum, double dampening, double weight_decay,
                              bool nesterov, bool maximize);
+#ifdef DOWSER_WITH_CUDA
+// The same steps on CUDA (csrc/cuda/masked_adamw.cu), one multi-tensor launch per call;
+// `stream` is the CUDA stream as an integer (torch.cuda.current_stream().cuda_stream).
+torch::Tensor masked_adamw_cuda(const std::vector<torch::Tensor>& params,
+                                const std::vector<torch::Tensor>& grads,
+                                const std::vector<torch::Tensor>& exp_avgs,
+                                const std::vector<torch::Tensor>& exp_avg_sqs,
+                                const std::vector<torch::Tensor>& masks,
+                                const std::vector<torch::Tensor>& offsets,
+                                const std::vector<double>& steps, double lr, double beta1,
+                                double beta2, double eps, double weight_decay, bool maximize,
+                                int64_t stream);
+torch::Tensor masked_sgd_cuda(const std::vector<torch::Tensor>& params,
+                              const std::vector<torch::Tensor>& grads,
+                              const std::vector<torch::Tensor>& bufs,
+                              const std::vector<torch::Tensor>& masks,
+                              const std::vector<torch::Tensor>& offsets, const std::vector<bool>& first,
+                              double lr, double momentum, double dampening, double weight_decay,
+                              bool nesterov, bool maximize, int64_t stream);
+#endif
 
 }  // namespace dowser

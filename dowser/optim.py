@@ -64,12 +64,6 @@ def _resolve_masks(masks: Mapping, model: torch.nn.Module | None,
     return out, names
 
 
-def _popcount(mask: torch.Tensor) -> int:
-    from dowser.ops import popcount
-
-    return popcount(mask)
-
-
 class _MaskedOptimizer(torch.optim.Optimizer):
     """Shared machinery: masks, compact-state layout, names, exact state_dict round trips."""
 
@@ -92,7 +86,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         """Number of trainable entries of `p` (all of them when it has no mask)."""
         if p not in self._counts:
             mask = self._masks.get(p)
-            k = p.numel() if mask is None else _popcount(mask)
+            k = p.numel() if mask is None else reference.count_trainable(mask, self._word_offsets(p))
             if mask is not None and self.compact_state and k > _MAX_COMPACT:
                 raise ValueError(f"{self._names[p]}: {k} trainable entries exceed the compact "
                                  "state's int32 index; use compact_state=False")

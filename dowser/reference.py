@@ -39,9 +39,27 @@ _POPCOUNT8 = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.i
 def word_offsets(packed: torch.Tensor) -> torch.Tensor:
     """Exclusive prefix sum of the per-word popcounts of a packed mask (int32, one per word):
     the compact-state index of the first trainable entry of each word."""
-    counts = _POPCOUNT8.to(packed.device)[packed.contiguous().view(torch.uint8).to(torch.int64)]
-    counts = counts.view(-1, 4).sum(dim=1, dtype=torch.int64)
-    return (torch.cumsum(counts, 0) - counts).to(torch.int32)
+    table = _POPCOUNT8.to(packed.device)
+    words = packed.contiguous()
+    out = torch.empty(words.numel(), dtype=torch.int32, device=packed.device)
+    carry = 0
+    for start in range(0, words.numel(), 1 << 16):  # bounded temporaries for huge masks
+        chunk = words[start:start + (1 << 16)]
+        counts = table[chunk.view(torch.uint8).to(torch.int64)].view(-1, 4).sum(dim=1, dtype=torch.int64)
+        incl = torch.cumsum(counts, 0) + carry
+        out[start:start + chunk.numel()] = (incl - counts).to(torch.int32)
+        carry = int(incl[-1])
+    return out
+
+
+def count_trainable(packed: torch.Tensor, offsets: torch.Tensor | None = None) -> int:
+    """Number of set bits of a packed mask (from its word offsets when given)."""
+    if packed.numel() == 0:
+        return 0
+    if offsets is None:
+        offsets = word_offsets(packed)
+    last = int(packed[-1].item()) & 0xFFFFFFFF
+    return int(offsets[-1].item()) + bin(last).count("1")
 
 
 def _trainable_index(param: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -20,10 +20,6 @@
 
 #include "../dowser.h"
 
-// No FMA contraction (the reference and every path round the same way) and no errno from
-// sqrt (lets the math loops vectorise).
-#pragma GCC optimize("fp-contract=off", "no-math-errno")
-
 namespace dowser {
 namespace {
 
@@ -91,6 +87,19 @@ DOWSER_AVX512 inline __m512 load16(const Item& it, const void* base, int64_t i, 
   }
 }
 
+// Full 16-lane load (no mask): only where all 16 entries exist (never in the last word).
+DOWSER_AVX512 inline __m512 load16_full(const Item& it, const void* base, int64_t i) {
+  switch (it.kind) {
+    case Kind::F32: return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+    case Kind::F16:
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const c10::Half*>(base) + i)));
+    default: {
+      __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const c10::BFloat16*>(base) + i));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+  }
+}
+
 DOWSER_AVX512 inline void store16(const Item& it, void* base, int64_t i, __mmask16 k, __m512 x) {
   switch (it.kind) {
     case Kind::F32: _mm512_mask_storeu_ps(static_cast<float*>(base) + i, k, x); break;
@@ -114,13 +123,16 @@ DOWSER_AVX512 inline void store16(const Item& it, void* base, int64_t i, __mmask
 DOWSER_AVX512 int64_t count_bad_avx512(const Item& it, int64_t w0, int64_t w1) {
   int64_t bad = 0;
   const __m512i expo = _mm512_set1_epi32(0x7F800000);
+  const int64_t last = (it.n + 31) / 32 - 1;
   for (int64_t w = w0; w < w1; ++w) {
     const uint32_t word = word_at(it, w);
     if (!word) continue;
     for (int h = 0; h < 2; ++h) {
       const __mmask16 k = static_cast<__mmask16>(word >> (16 * h));
       if (!k) continue;
-      __m512 g = load16(it, it.grad, w * 32 + 16 * h, k);
+      // Unmasked loads stream faster; only the last word may end inside the allocation.
+      __m512 g = w < last ? load16_full(it, it.grad, w * 32 + 16 * h)
+                          : load16(it, it.grad, w * 32 + 16 * h, k);
       __mmask16 nf = _mm512_mask_cmpeq_epi32_mask(
           k, _mm512_and_si512(_mm512_castps_si512(g), expo), expo);
       bad += __builtin_popcount(nf);
@@ -155,7 +167,30 @@ DOWSER_AVX512 int64_t gather_avx512(const Item& it, const void* src, bool f32sta
       const int64_t i = w * 32 + 16 * h;
       __m512 x = f32state ? _mm512_maskz_loadu_ps(k, static_cast<const float*>(src) + i)
                           : load16(it, src, i, k);
-      _mm512_mask_compressstoreu_ps(buf + j, k, x);
+      // Compress in a register, then a full 16-lane store: much faster than a compressing
+      // store to memory (microcoded); buffers carry 16 floats of slack for the overhang.
+      _mm512_storeu_ps(buf + j, _mm512_maskz_compress_ps(k, x));
+      j += __builtin_popcount(k);
+    }
+  }
+  return j;
+}
+
+// Param and grad together: two interleaved streams keep more memory requests in flight.
+DOWSER_AVX512 int64_t gather_pg_avx512(const Item& it, int64_t w0, int64_t w1, float* pb, float* gb) {
+  const int64_t last = (it.n + 31) / 32 - 1;
+  int64_t j = 0;
+  for (int64_t w = w0; w < w1; ++w) {
+    const uint32_t word = word_at(it, w);
+    if (!word) continue;
+    for (int h = 0; h < 2; ++h) {
+      const __mmask16 k = static_cast<__mmask16>(word >> (16 * h));
+      if (!k) continue;
+      const int64_t i = w * 32 + 16 * h;
+      const __m512 p = w < last ? load16_full(it, it.param, i) : load16(it, it.param, i, k);
+      const __m512 g = w < last ? load16_full(it, it.grad, i) : load16(it, it.grad, i, k);
+      _mm512_storeu_ps(pb + j, _mm512_maskz_compress_ps(k, p));
+      _mm512_storeu_ps(gb + j, _mm512_maskz_compress_ps(k, g));
       j += __builtin_popcount(k);
     }
   }
@@ -172,7 +207,7 @@ DOWSER_AVX512 void scatter_avx512(const Item& it, void* dst, bool f32state, int6
       const __mmask16 k = static_cast<__mmask16>(word >> (16 * h));
       if (!k) continue;
       const int64_t i = w * 32 + 16 * h;
-      __m512 x = _mm512_maskz_expandloadu_ps(k, buf + j);
+      __m512 x = _mm512_maskz_expand_ps(k, _mm512_loadu_ps(buf + j));
       if (f32state) _mm512_mask_storeu_ps(static_cast<float*>(dst) + i, k, x);
       else store16(it, dst, i, k, x);
       j += __builtin_popcount(k);
@@ -233,10 +268,38 @@ __attribute__((always_inline)) inline void adam_math(int64_t n, float* __restric
   }
 }
 
+// Explicitly rounded AVX-512 ops (the *_round_ps forms): the compiler cannot contract them into
+// FMAs, so this path rounds exactly as the scalar path and the plain-PyTorch reference.
+#define R_ (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define MUL(a, b) _mm512_mul_round_ps(a, b, R_)
+#define ADD(a, b) _mm512_add_round_ps(a, b, R_)
+#define SUB(a, b) _mm512_sub_round_ps(a, b, R_)
+#define DIV(a, b) _mm512_div_round_ps(a, b, R_)
+
+DOWSER_AVX512 inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
 DOWSER_AVX512 void adam_math_avx512(int64_t n, float* p, const float* g, float* m, float* v,
                                     const AdamScalars& s, float step_size, float bc2_sqrt) {
-  if (s.maximize) adam_math<true>(n, p, g, m, v, s, step_size, bc2_sqrt);
-  else adam_math<false>(n, p, g, m, v, s, step_size, bc2_sqrt);
+  const __m512 decay = _mm512_set1_ps(s.decay), w1 = _mm512_set1_ps(s.w1);
+  const __m512 b2 = _mm512_set1_ps(s.beta2), omb2 = _mm512_set1_ps(s.one_minus_beta2);
+  const __m512 eps = _mm512_set1_ps(s.eps), ss = _mm512_set1_ps(step_size);
+  const __m512 bc = _mm512_set1_ps(bc2_sqrt);
+  const __m512i sign = _mm512_set1_epi32(s.maximize ? static_cast<int>(0x80000000u) : 0);
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 k = tail_mask(n - t);
+    const __m512 gt = _mm512_castsi512_ps(
+        _mm512_xor_si512(_mm512_castps_si512(_mm512_maskz_loadu_ps(k, g + t)), sign));
+    const __m512 pt = MUL(_mm512_maskz_loadu_ps(k, p + t), decay);
+    const __m512 mo = _mm512_maskz_loadu_ps(k, m + t);
+    const __m512 mt = ADD(mo, MUL(w1, SUB(gt, mo)));
+    const __m512 vt = ADD(MUL(b2, _mm512_maskz_loadu_ps(k, v + t)), MUL(omb2, MUL(gt, gt)));
+    const __m512 denom = ADD(DIV(_mm512_sqrt_round_ps(vt, R_), bc), eps);
+    _mm512_mask_storeu_ps(m + t, k, mt);
+    _mm512_mask_storeu_ps(v + t, k, vt);
+    _mm512_mask_storeu_ps(p + t, k, SUB(pt, DIV(MUL(ss, mt), denom)));
+  }
 }
 
 void adam_math_generic(int64_t n, float* p, const float* g, float* m, float* v,
@@ -267,7 +330,22 @@ __attribute__((always_inline)) inline void sgd_math(int64_t n, float* __restrict
 
 DOWSER_AVX512 void sgd_math_avx512(int64_t n, float* p, const float* g, float* b, const SgdScalars& s,
                                    bool first) {
-  sgd_math(n, p, g, b, s, first);
+  const __m512 wd = _mm512_set1_ps(s.wd), mom = _mm512_set1_ps(s.momentum);
+  const __m512 omd = _mm512_set1_ps(s.one_minus_dampening), lr = _mm512_set1_ps(s.lr);
+  const __m512i sign = _mm512_set1_epi32(s.maximize ? static_cast<int>(0x80000000u) : 0);
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 k = tail_mask(n - t);
+    __m512 d = _mm512_castsi512_ps(
+        _mm512_xor_si512(_mm512_castps_si512(_mm512_maskz_loadu_ps(k, g + t)), sign));
+    const __m512 pt = _mm512_maskz_loadu_ps(k, p + t);
+    if (s.wd != 0.0f) d = ADD(d, MUL(wd, pt));
+    if (s.has_momentum) {
+      const __m512 bt = first ? d : ADD(MUL(mom, _mm512_maskz_loadu_ps(k, b + t)), MUL(omd, d));
+      _mm512_mask_storeu_ps(b + t, k, bt);
+      d = s.nesterov ? ADD(d, MUL(mom, bt)) : bt;
+    }
+    _mm512_mask_storeu_ps(p + t, k, SUB(pt, MUL(lr, d)));
+  }
 }
 
 void sgd_math_generic(int64_t n, float* p, const float* g, float* b, const SgdScalars& s, bool first) {
@@ -365,11 +443,12 @@ void run_blocks(const std::vector<Item>& items, const std::vector<Task>& tasks, 
   const int64_t nt = static_cast<int64_t>(tasks.size());
 #pragma omp parallel if (nt > 1)
   {
-    std::vector<float> buf(4 * kBlockEntries);
+    constexpr int64_t kStride = kBlockEntries + 16;  // + slack for full-vector stores/loads
+    std::vector<float> buf(4 * kStride);
     float* pb = buf.data();
-    float* gb = pb + kBlockEntries;
-    float* s1b = gb + kBlockEntries;
-    float* s2b = s1b + kBlockEntries;
+    float* gb = pb + kStride;
+    float* s1b = gb + kStride;
+    float* s2b = s1b + kStride;
 #pragma omp for schedule(dynamic, 4)
     for (int64_t t = 0; t < nt; ++t) {
       const Item& it = items[tasks[t].item];
@@ -388,9 +467,14 @@ void run_blocks(const std::vector<Item>& items, const std::vector<Task>& tasks, 
         if (avx) scatter_avx512(it, dst, f32, w0, w1, src);
         else scatter_scalar(it, dst, f32, w0, w1, src);
       };
-      const int64_t k = gather(it.param, false, pb);
+      int64_t k;
+      if (avx) {
+        k = gather_pg_avx512(it, w0, w1, pb, gb);
+      } else {
+        k = gather(it.param, false, pb);
+        gather(it.grad, false, gb);
+      }
       if (k == 0) continue;
-      gather(it.grad, false, gb);
       float* s1 = nullptr;
       float* s2 = nullptr;
       if (it.offsets != nullptr) {  // compact: this block's state is contiguous

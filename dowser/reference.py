@@ -128,7 +128,9 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor],
         pf = pf * (1.0 - lr * weight_decay)
         mf = mf + (1.0 - beta1) * (gf - mf)  # lerp(m, g, 1 - beta1)
         vf = beta2 * vf + (1.0 - beta2) * (gf * gf)
-        denom = vf.sqrt() / bc2_sqrt + eps
+        # Correctly rounded sqrt (via fp64, exact after rounding back): torch's fp32 CPU sqrt
+        # may be 1 ulp off, and the kernels use the IEEE instruction.
+        denom = vf.double().sqrt().float() / bc2_sqrt + eps
         pf = pf - step_size * mf / denom
         _write_back(p, idx, pf)
         if compact or idx is None:

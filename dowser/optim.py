@@ -81,6 +81,9 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         self._offsets: dict[torch.Tensor, torch.Tensor] = {}
         self._counts: dict[torch.Tensor, int] = {}
 
+    def _name(self, p: torch.Tensor) -> str:
+        return self._names.get(p, f"parameter of shape {tuple(p.shape)}")
+
     # -- masks ------------------------------------------------------------------------------
     def trainable_count(self, p: torch.Tensor) -> int:
         """Number of trainable entries of `p` (all of them when it has no mask)."""
@@ -88,7 +91,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             mask = self._masks.get(p)
             k = p.numel() if mask is None else reference.count_trainable(mask, self._word_offsets(p))
             if mask is not None and self.compact_state and k > _MAX_COMPACT:
-                raise ValueError(f"{self._names[p]}: {k} trainable entries exceed the compact "
+                raise ValueError(f"{self._name(p)}: {k} trainable entries exceed the compact "
                                  "state's int32 index; use compact_state=False")
             self._counts[p] = k
         return self._counts[p]
@@ -110,11 +113,10 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         # fp32 state for every parameter dtype (fp32 math for bf16/fp16 parameters)
         return torch.zeros(self._state_shape(p), dtype=torch.float32, device=p.device)
 
-    @staticmethod
-    def _raise_bad(bad: torch.Tensor, params: list[torch.Tensor], names: dict) -> None:
+    def _raise_bad(self, bad: torch.Tensor, params: list[torch.Tensor]) -> None:
         if bool(bad.any()):
             counts = bad.tolist()
-            which = ", ".join(f"{names[p]} ({c})" for p, c in zip(params, counts) if c)
+            which = ", ".join(f"{self._name(p)} ({c})" for p, c in zip(params, counts) if c)
             raise ValueError(f"NaN/Inf gradient in trainable entries of {which}; nothing was "
                              "updated (use torch.amp.GradScaler to skip such steps)")
 
@@ -125,7 +127,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
-                raise ValueError(f"{self._names[p]}: sparse gradients are not supported")
+                raise ValueError(f"{self._name(p)}: sparse gradients are not supported")
             by_device.setdefault(p.device, []).append(p)
         return by_device.values()
 
@@ -170,7 +172,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             dense = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)  # compact -> dense
             dense[reference.unpack_mask(mask, p.numel())] = value
             return dense.view(p.shape)
-        raise ValueError(f"state_dict: {key} of {self._names[p]} has shape {tuple(value.shape)}, "
+        raise ValueError(f"state_dict: {key} of {self._name(p)} has shape {tuple(value.shape)}, "
                          f"expected {want}: it was saved with another mask")
 
 
@@ -271,7 +273,7 @@ class MaskedAdamW(_MaskedOptimizer):
                 plist, grads, m, v, masks, offs, steps, float(group["lr"]), float(beta1),
                 float(beta2), float(group["eps"]), float(group["weight_decay"]),
                 bool(group["maximize"]))
-            self._raise_bad(bad, plist, self._names)
+            self._raise_bad(bad, plist)
             for p in plist:
                 self.state[p]["step"] += 1.0
 
@@ -329,7 +331,7 @@ class MaskedSGD(_MaskedOptimizer):
                     plist, grads, bufs, masks, offs, first, float(group["lr"]),
                     float(group["momentum"]), float(group["dampening"]),
                     float(group["weight_decay"]), bool(group["nesterov"]), bool(group["maximize"]))
-                self._raise_bad(bad, plist, self._names)
+                self._raise_bad(bad, plist)
                 if has_momentum:
                     for p, b in zip(plist, bufs):
                         self.state[p]["momentum_buffer"] = b

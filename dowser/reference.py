@@ -43,8 +43,8 @@ def word_offsets(packed: torch.Tensor) -> torch.Tensor:
     words = packed.contiguous()
     out = torch.empty(words.numel(), dtype=torch.int32, device=packed.device)
     carry = 0
-    for start in range(0, words.numel(), 1 << 16):  # bounded temporaries for huge masks
-        chunk = words[start:start + (1 << 16)]
+    for start in range(0, words.numel(), 1 << 14):  # bounded temporaries (~1 MB) for huge masks
+        chunk = words[start:start + (1 << 14)]
         counts = table[chunk.view(torch.uint8).to(torch.int64)].view(-1, 4).sum(dim=1, dtype=torch.int64)
         incl = torch.cumsum(counts, 0) + carry
         out[start:start + chunk.numel()] = (incl - counts).to(torch.int32)

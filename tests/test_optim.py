@@ -552,3 +552,19 @@ def test_scalar_fallback_equals_reference():
     out = subprocess.run([sys.executable, "-c", _SCALAR_SCRIPT], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_error_names_the_parameter_and_add_param_group_trains_densely():
+    model = _linear_model()
+    masks = _name_masks(model)
+    opt = dowser.MaskedAdamW([model[0].weight], masks and {"0.weight": masks["0.weight"]}, model=model)
+    extra = torch.nn.Parameter(torch.zeros(5))
+    opt.add_param_group({"params": [extra], "lr": 0.1})
+    model[0].weight.grad = torch.zeros_like(model[0].weight)
+    extra.grad = torch.ones(5)
+    opt.step()
+    assert bool((extra < 0).all())  # dense AdamW step on the unmasked parameter
+    train = reference.unpack_mask(masks["0.weight"], model[0].weight.numel())
+    model[0].weight.grad.view(-1)[int(train.nonzero()[0])] = float("nan")
+    with pytest.raises(ValueError, match=r"0\.weight \(1\)"):
+        opt.step()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -95,7 +96,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sets", nargs="*", default=None, help="45M and/or 7B-like (GPU)")
-    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=7, help="timed steps per process")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the configs")
     parser.add_argument("--one", nargs=2, metavar=("SET", "CONFIG"), help=argparse.SUPPRESS)
     parser.add_argument("--notes", default="")
     args = parser.parse_args()
@@ -105,17 +107,32 @@ def main() -> None:
     sets = args.sets or (["45M", "7B-like"] if args.device.startswith("cuda") else ["45M"])
     rows = []
     for set_name in sets:
-        for i in range(len(CONFIGS)):
-            out = subprocess.run([sys.executable, __file__, "--device", args.device, "--repeat",
-                                  str(args.repeat), "--one", set_name, str(i)],
-                                 capture_output=True, text=True)
-            line = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
-            if out.returncode != 0 or not line:
-                print(out.stderr[-2000:], file=sys.stderr)
-                rows.append({"set": set_name, "config": CONFIGS[i][0], "error": out.stderr.strip()[-200:]})
+        # Rounds interleave the configurations, so that load from other processes hits all of
+        # them alike; each row reports the median over rounds (and the best round's minimum).
+        per_config: dict[int, list[dict]] = {i: [] for i in range(len(CONFIGS))}
+        errors: dict[int, str] = {}
+        for _ in range(args.rounds):
+            for i in range(len(CONFIGS)):
+                out = subprocess.run([sys.executable, __file__, "--device", args.device, "--repeat",
+                                      str(args.repeat), "--one", set_name, str(i)],
+                                     capture_output=True, text=True)
+                line = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
+                if out.returncode != 0 or not line:
+                    print(out.stderr[-2000:], file=sys.stderr)
+                    errors[i] = out.stderr.strip()[-200:]
+                    continue
+                row = json.loads(line[0][4:])
+                print(row, flush=True)
+                per_config[i].append(row)
+        for i, runs in per_config.items():
+            if not runs:
+                rows.append({"set": set_name, "config": CONFIGS[i][0], "error": errors.get(i, "")})
                 continue
-            row = json.loads(line[0][4:])
-            print(row, flush=True)
+            row = dict(runs[0])
+            row["step_ms"] = statistics.median(r["step_ms"] for r in runs)
+            row["min_ms"] = min(r["min_ms"] for r in runs)
+            row["peak_bytes_per_param"] = max(r["peak_bytes_per_param"] for r in runs)
+            row["rounds"] = len(runs)
             rows.append(row)
     for set_name in sets:
         fused = [r for r in rows if r.get("set") == set_name and r["config"] == "torch AdamW fused"
@@ -128,8 +145,8 @@ def main() -> None:
     from common import RESULTS, write_results
 
     md = write_results("optim", rows, args.device, notes=(
-        "Step time (median of --repeat) and memory of one AdamW step, each configuration in a "
-        "fresh process. state_bytes_per_param: optimizer state tensors (+ dowser's cached "
+        "Step time (median over interleaved rounds of the median of --repeat steps) and memory "
+        "of AdamW steps, each configuration and round in a fresh process. state_bytes_per_param: optimizer state tensors (+ dowser's cached "
         "prefix sums) per parameter; peak_bytes_per_param: peak memory of the first two steps "
         "above params + grads (CPU: peak RSS). " + args.notes))
     _plot(rows, md.with_suffix(".png"))

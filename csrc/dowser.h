@@ -27,7 +27,8 @@ torch::Tensor masked_adamw_cpu(const std::vector<torch::Tensor>& params,
                                const std::vector<torch::Tensor>& masks,
                                const std::vector<torch::Tensor>& offsets,
                                const std::vector<double>& steps, double lr, double beta1,
-                               double beta2, double eps, double weight_decay, bool maximize);
+                               double beta2, double eps, double weight_decay, bool maximize,
+                               bool skip_nonfinite);
 torch::Tensor masked_sgd_cpu(const std::vector<torch::Tensor>& params,
                              const std::vector<torch::Tensor>& grads,
                              const std::vector<torch::Tensor>& bufs,
@@ -46,7 +47,7 @@ torch::Tensor masked_adamw_cuda(const std::vector<torch::Tensor>& params,
                                 const std::vector<torch::Tensor>& offsets,
                                 const std::vector<double>& steps, double lr, double beta1,
                                 double beta2, double eps, double weight_decay, bool maximize,
-                                int64_t stream);
+                                bool skip_nonfinite, int64_t stream);
 torch::Tensor masked_sgd_cuda(const std::vector<torch::Tensor>& params,
                               const std::vector<torch::Tensor>& grads,
                               const std::vector<torch::Tensor>& bufs,

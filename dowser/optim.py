@@ -113,10 +113,14 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         # fp32 state for every parameter dtype (fp32 math for bf16/fp16 parameters)
         return torch.zeros(self._state_shape(p), dtype=torch.float32, device=p.device)
 
-    def _raise_bad(self, bad: torch.Tensor, params: list[torch.Tensor]) -> None:
+    def _raise_bad(self, bad: torch.Tensor, params: list[torch.Tensor], skipped: bool = False) -> None:
         if bool(bad.any()):
             counts = bad.tolist()
             which = ", ".join(f"{self._name(p)} ({c})" for p, c in zip(params, counts) if c)
+            if skipped:
+                raise ValueError(f"NaN/Inf gradient in trainable entries of {which}: "
+                                 "nonfinite='skip' left those entries (param and state) unchanged "
+                                 "and updated all the others; this step was NOT atomic")
             raise ValueError(f"NaN/Inf gradient in trainable entries of {which}; nothing was "
                              "updated (use torch.amp.GradScaler to skip such steps)")
 
@@ -204,9 +208,16 @@ class MaskedAdamW(_MaskedOptimizer):
             gradient at once (peak gradient memory: one parameter's); `step()` then only runs
             the closure. Gradient accumulation over several backward passes is not possible in
             this mode.
+        nonfinite: what a NaN/Inf gradient in a trainable entry does.
+            ``"check"`` (default, atomic): a read-only pass over the trainable gradients comes
+            first; if one is NaN/Inf, ValueError is raised and nothing at all was written.
+            ``"skip"`` (one pass, faster, NOT atomic): every trainable entry with a finite
+            gradient is updated; each entry whose gradient is NaN/Inf keeps its parameter and
+            state bits; after the step, ValueError names the parameters that had such entries
+            (the step itself has happened and its step counter advanced).
 
-    Frozen entries are never written. A NaN/Inf gradient in a trainable entry raises
-    ValueError before anything is written (with torch.amp.GradScaler, such steps are skipped).
+    Frozen entries are never written, in either mode. With torch.amp.GradScaler, steps with
+    non-finite gradients are skipped before this optimizer sees them.
     """
 
     _state_keys = ("exp_avg", "exp_avg_sq")
@@ -215,13 +226,16 @@ class MaskedAdamW(_MaskedOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, model: torch.nn.Module | None = None,
                  compact_state: bool = True, maximize: bool = False,
-                 step_in_backward: bool = False) -> None:
+                 step_in_backward: bool = False, nonfinite: str = "check") -> None:
         _check_hyper(lr, eps, weight_decay)
+        if nonfinite not in ("check", "skip"):
+            raise ValueError(f"nonfinite must be 'check' or 'skip', got {nonfinite!r}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         maximize=maximize)
         super().__init__(params_or_groups, masks, defaults, model=model, compact_state=compact_state)
+        self.nonfinite = nonfinite
         self.step_in_backward = bool(step_in_backward)
         self._hooks: list = []
         if self.step_in_backward:
@@ -249,11 +263,23 @@ class MaskedAdamW(_MaskedOptimizer):
                 loss = closure()
         if self.step_in_backward:
             return loss
+        skipped: list = []
         for group in self.param_groups:
-            self._step_params(group, None)
+            self._update(group, None, skipped)
+        self._raise_skipped(skipped)  # nonfinite="skip": after every group was stepped
         return loss
 
     def _step_params(self, group: dict, params: list[torch.Tensor] | None) -> None:
+        skipped: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        self._update(group, params, skipped)
+        self._raise_skipped(skipped)
+
+    def _raise_skipped(self, skipped: list) -> None:
+        if skipped:
+            bad = torch.cat([b.cpu() for b, _ in skipped])
+            self._raise_bad(bad, [p for _, plist in skipped for p in plist], skipped=True)
+
+    def _update(self, group: dict, params: list[torch.Tensor] | None, skipped: list) -> None:
         beta1, beta2 = group["betas"]
         for plist in self._grouped(group, params):
             grads, m, v, masks, offs, steps = [], [], [], [], [], []
@@ -272,7 +298,12 @@ class MaskedAdamW(_MaskedOptimizer):
             bad = torch.ops.dowser.masked_adamw_step(
                 plist, grads, m, v, masks, offs, steps, float(group["lr"]), float(beta1),
                 float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                bool(group["maximize"]))
+                bool(group["maximize"]), self.nonfinite == "skip")
+            if self.nonfinite == "skip":  # the step happened: count it; report after all groups
+                for p in plist:
+                    self.state[p]["step"] += 1.0
+                skipped.append((bad, plist))
+                continue
             self._raise_bad(bad, plist)
             for p in plist:
                 self.state[p]["step"] += 1.0

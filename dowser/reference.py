@@ -264,16 +264,17 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor],
                   exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
                   masks: list[torch.Tensor | None], offsets: list[torch.Tensor | None],
                   steps: list[float], lr: float, beta1: float, beta2: float, eps: float,
-                  weight_decay: float, maximize: bool) -> torch.Tensor:
+                  weight_decay: float, maximize: bool, skip_nonfinite: bool = False) -> torch.Tensor:
     """AdamW on the trainable entries only (PyTorch's fused AdamW math order, fp32 math).
 
     Per tensor i: masks[i] None = every entry trains; offsets[i] given = compact fp32 state of
     the k trainable entries (in flat order), else state shaped like the parameter. Returns the
     per-tensor count of NaN/Inf gradients in trainable entries; when any is non-zero nothing
-    was written.
+    was written. With `skip_nonfinite`, the finite entries are updated all the same and the
+    NaN/Inf ones keep their param and state bits.
     """
     bad = _masked_nonfinite(grads, params, masks)
-    if bool(bad.any()):
+    if bool(bad.any()) and not skip_nonfinite:
         return bad
     for p, g, m, v, mask, off, step in zip(params, grads, exp_avgs, exp_avg_sqs, masks, offsets,
                                           steps):
@@ -297,6 +298,22 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor],
         # may be 1 ulp off, and the kernels use the IEEE instruction.
         denom = vf.double().sqrt().float() / bc2_sqrt + eps
         pf = pf - step_size * mf / denom
+        if skip_nonfinite:
+            ok = torch.isfinite(gf)
+            if not bool(ok.all()):  # keep the old bits of the skipped entries
+                sel = torch.arange(gf.numel(), device=gf.device)[ok]
+                sel_idx = sel if idx is None else idx[sel]
+                pf, mf, vf = pf[ok], mf[ok], vf[ok]
+                flat = p.reshape(-1) if p.is_contiguous() else None
+                if flat is not None:
+                    flat[sel_idx] = pf.to(p.dtype)
+                else:
+                    tmp = p.reshape(-1).clone()
+                    tmp[sel_idx] = pf.to(p.dtype)
+                    p.copy_(tmp.view(p.shape))
+                m.view(-1)[sel if compact else sel_idx] = mf
+                v.view(-1)[sel if compact else sel_idx] = vf
+                continue
         _write_back(p, idx, pf)
         if compact or idx is None:
             m.view(-1).copy_(mf)

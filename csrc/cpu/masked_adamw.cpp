@@ -77,7 +77,11 @@ inline bool nonfinite(float x) { return !std::isfinite(x); }
 // Software prefetch kPrefetch entries ahead: a single read stream otherwise keeps too few
 // misses in flight to use the memory bandwidth (measured ~25% faster here). Prefetching past
 // the end of a tensor is harmless (prefetches never fault).
-constexpr int64_t kPrefetch = 1024;
+inline int64_t pf_dist() {
+  static const int64_t v = [] { const char* e = std::getenv("DOWSER_PF"); return e ? std::atoll(e) : int64_t(1024); }();
+  return v;
+}
+#define kPrefetch pf_dist()
 
 // Kind-specialised AVX-512 loads/stores (the dtype switch leaves the inner loops).
 template <Kind K>
@@ -120,9 +124,43 @@ DOWSER_AVX512 inline void prefetch_k(const void* base, int64_t i) {
   if constexpr (K == Kind::F32) _mm_prefetch(at + 64, _MM_HINT_T0);
 }
 
-// Both halves of a word per iteration, no per-half branches (a 16-lane half with no trainable
-// entry is a mispredicted branch 1 time in 5 at rho = 0.1; doing it costs less). Full-width
-// loads everywhere but in the tensor's last word, which may end inside the allocation.
+// Dev switches (DOWSER_VARIANT): bit 0 = skip the loads of 16-lane halves that have no
+// trainable entry, bit 1 = prefetch only the lines a later word needs.
+inline int64_t sub_words() {
+  static const int64_t v = [] { const char* e = std::getenv("DOWSER_SUB"); return e ? std::atoll(e) : int64_t(16); }();
+  return v;
+}
+inline int variant() {
+  static const int v = [] { const char* e = std::getenv("DOWSER_VARIANT"); return e ? std::atoi(e) : 0; }();
+  return v;
+}
+
+// Prefetch the line(s) of word w + kPrefetch/32 that hold trainable entries; a line with none is
+// not fetched (at rho = 0.1, 1 line in 5 of param and grad). Branch-free: an unneeded prefetch
+// is pointed at the current line (already in L1).
+template <Kind K>
+DOWSER_AVX512 inline void prefetch_needed(const Item& it, const void* base, int64_t w, int64_t last_word) {
+  const int64_t wa = w + kPrefetch / 32;
+  const char* here = static_cast<const char*>(base) + w * 32 * kElemBytes(K);
+  if (!(variant() & 2)) { prefetch_k<K>(base, w * 32); return; }
+  const uint32_t ahead = wa <= last_word ? word_at(it, wa) : 0u;
+  const char* at = static_cast<const char*>(base) + wa * 32 * kElemBytes(K);
+  if constexpr (K == Kind::F32) {
+    _mm_prefetch((ahead & 0xFFFFu) ? at : here, _MM_HINT_T0);
+    _mm_prefetch((ahead >> 16) ? at + 64 : here, _MM_HINT_T0);
+  } else {
+    _mm_prefetch(ahead ? at : here, _MM_HINT_T0);
+  }
+}
+
+// Loads one 16-lane half: nothing at all when no lane of it trains (saves the memory traffic of
+// that line), a full load inside the tensor, a masked one in its last word.
+template <Kind K>
+DOWSER_AVX512 inline __m512 ld_half(const void* base, int64_t i, __mmask16 k, bool full) {
+  if ((variant() & 1) && !k) return _mm512_setzero_ps();
+  return ld<K>(base, i, k, full);
+}
+
 template <Kind K>
 DOWSER_AVX512 int64_t count_bad_avx512(const Item& it, int64_t w0, int64_t w1) {
   int64_t bad = 0;
@@ -133,9 +171,9 @@ DOWSER_AVX512 int64_t count_bad_avx512(const Item& it, int64_t w0, int64_t w1) {
     if (!word) continue;
     const int64_t i = w * 32;
     const __mmask16 k0 = static_cast<__mmask16>(word), k1 = static_cast<__mmask16>(word >> 16);
-    prefetch_k<K>(it.grad, i);
+    prefetch_needed<K>(it, it.grad, w, last);
     const bool full = w < last;
-    const __m512 g0 = ld<K>(it.grad, i, k0, full), g1 = ld<K>(it.grad, i + 16, k1, full);
+    const __m512 g0 = ld_half<K>(it.grad, i, k0, full), g1 = ld_half<K>(it.grad, i + 16, k1, full);
     const __mmask16 nf0 = _mm512_mask_cmpeq_epi32_mask(k0, _mm512_and_si512(_mm512_castps_si512(g0), expo), expo);
     const __mmask16 nf1 = _mm512_mask_cmpeq_epi32_mask(k1, _mm512_and_si512(_mm512_castps_si512(g1), expo), expo);
     bad += __builtin_popcount(static_cast<uint32_t>(nf0) | (static_cast<uint32_t>(nf1) << 16));
@@ -155,11 +193,11 @@ DOWSER_AVX512 int64_t gather_pg_avx512(const Item& it, int64_t w0, int64_t w1, f
     if (!word) continue;
     const int64_t i = w * 32;
     const __mmask16 k0 = static_cast<__mmask16>(word), k1 = static_cast<__mmask16>(word >> 16);
-    prefetch_k<K>(it.param, i);
-    prefetch_k<K>(it.grad, i);
+    prefetch_needed<K>(it, it.param, w, last);
+    prefetch_needed<K>(it, it.grad, w, last);
     const bool full = w < last;
-    const __m512 p0 = ld<K>(it.param, i, k0, full), p1 = ld<K>(it.param, i + 16, k1, full);
-    const __m512 g0 = ld<K>(it.grad, i, k0, full), g1 = ld<K>(it.grad, i + 16, k1, full);
+    const __m512 p0 = ld_half<K>(it.param, i, k0, full), p1 = ld_half<K>(it.param, i + 16, k1, full);
+    const __m512 g0 = ld_half<K>(it.grad, i, k0, full), g1 = ld_half<K>(it.grad, i + 16, k1, full);
     const int c0 = __builtin_popcount(k0);
     _mm512_storeu_ps(pb + j, _mm512_maskz_compress_ps(k0, p0));
     _mm512_storeu_ps(gb + j, _mm512_maskz_compress_ps(k0, g0));
@@ -182,8 +220,8 @@ DOWSER_AVX512 int64_t gather1_avx512(const Item& it, const void* src, int64_t w0
     const __mmask16 k0 = static_cast<__mmask16>(word), k1 = static_cast<__mmask16>(word >> 16);
     const bool full = w < last;
     const int c0 = __builtin_popcount(k0);
-    _mm512_storeu_ps(buf + j, _mm512_maskz_compress_ps(k0, ld<K>(src, i, k0, full)));
-    _mm512_storeu_ps(buf + j + c0, _mm512_maskz_compress_ps(k1, ld<K>(src, i + 16, k1, full)));
+    _mm512_storeu_ps(buf + j, _mm512_maskz_compress_ps(k0, ld_half<K>(src, i, k0, full)));
+    _mm512_storeu_ps(buf + j + c0, _mm512_maskz_compress_ps(k1, ld_half<K>(src, i + 16, k1, full)));
     j += c0 + __builtin_popcount(k1);
   }
   return j;
@@ -200,8 +238,8 @@ DOWSER_AVX512 void scatter_avx512(const Item& it, void* dst, int64_t w0, int64_t
     const int64_t i = w * 32;
     const __mmask16 k0 = static_cast<__mmask16>(word), k1 = static_cast<__mmask16>(word >> 16);
     const int c0 = __builtin_popcount(k0);
-    st<K>(dst, i, k0, _mm512_maskz_expand_ps(k0, _mm512_loadu_ps(buf + j)));
-    st<K>(dst, i + 16, k1, _mm512_maskz_expand_ps(k1, _mm512_loadu_ps(buf + j + c0)));
+    if (k0 || !(variant() & 1)) st<K>(dst, i, k0, _mm512_maskz_expand_ps(k0, _mm512_loadu_ps(buf + j)));
+    if (k1 || !(variant() & 1)) st<K>(dst, i + 16, k1, _mm512_maskz_expand_ps(k1, _mm512_loadu_ps(buf + j + c0)));
     j += c0 + __builtin_popcount(k1);
   }
 }
@@ -261,6 +299,24 @@ void scatter_scalar(const Item& it, void* dst, bool f32state, int64_t w0, int64_
   }
 }
 
+// Skip mode, only for a block that holds a NaN/Inf trainable gradient: store only the entries
+// whose gradient is finite (the others keep their exact bits, whatever their dtype).
+void scatter_finite(const Item& it, void* dst, bool f32state, int64_t w0, int64_t w1,
+                    const float* buf) {
+  int64_t j = 0;
+  for (int64_t w = w0; w < w1; ++w) {
+    uint32_t word = word_at(it, w);
+    while (word) {
+      const int64_t i = w * 32 + __builtin_ctz(word);
+      word &= word - 1;
+      const float x = buf[j++];
+      if (nonfinite(load1(it, it.grad, i))) continue;
+      if (f32state) static_cast<float*>(dst)[i] = x;
+      else store1(it, dst, i, x);
+    }
+  }
+}
+
 // ---- Phase B: the math over contiguous buffers (auto-vectorised; an AVX-512 clone) ---------
 struct AdamScalars {
   float decay, w1, beta2, one_minus_beta2, eps;
@@ -269,6 +325,8 @@ struct AdamScalars {
 
 // PyTorch's fused AdamW order: p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g*g;
 // denom = sqrt(v)/sqrt(bc2) + eps; p -= (lr/bc1) * m / denom.
+// kSkip: an entry whose gradient is NaN/Inf keeps p, m and v (nothing stored there) and is
+// counted; the others get exactly the same arithmetic as without kSkip.
 template <bool kMax>
 __attribute__((always_inline)) inline void adam_math(int64_t n, float* __restrict p, const float* __restrict g,
                       float* __restrict m, float* __restrict v, const AdamScalars& s,
@@ -286,6 +344,23 @@ __attribute__((always_inline)) inline void adam_math(int64_t n, float* __restric
   }
 }
 
+int64_t adam_math_skip_scalar(int64_t n, float* p, const float* g, float* m, float* v,
+                              const AdamScalars& s, float step_size, float bc2_sqrt) {
+  int64_t bad = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    if (nonfinite(g[t])) { ++bad; continue; }
+    const float gt = s.maximize ? -g[t] : g[t];
+    const float pt = p[t] * s.decay;
+    const float mt = m[t] + s.w1 * (gt - m[t]);
+    const float vt = s.beta2 * v[t] + s.one_minus_beta2 * (gt * gt);
+    const float denom = std::sqrt(vt) / bc2_sqrt + s.eps;
+    m[t] = mt;
+    v[t] = vt;
+    p[t] = pt - (step_size * mt) / denom;
+  }
+  return bad;
+}
+
 // Explicitly rounded AVX-512 ops (the *_round_ps forms): the compiler cannot contract them into
 // FMAs, so this path rounds exactly as the scalar path and the plain-PyTorch reference.
 #define R_ (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
@@ -298,17 +373,25 @@ DOWSER_AVX512 inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
 }
 
-DOWSER_AVX512 void adam_math_avx512(int64_t n, float* p, const float* g, float* m, float* v,
-                                    const AdamScalars& s, float step_size, float bc2_sqrt) {
+template <bool kSkip>
+DOWSER_AVX512 int64_t adam_math_avx512(int64_t n, float* p, const float* g, float* m, float* v,
+                                       const AdamScalars& s, float step_size, float bc2_sqrt) {
   const __m512 decay = _mm512_set1_ps(s.decay), w1 = _mm512_set1_ps(s.w1);
   const __m512 b2 = _mm512_set1_ps(s.beta2), omb2 = _mm512_set1_ps(s.one_minus_beta2);
   const __m512 eps = _mm512_set1_ps(s.eps), ss = _mm512_set1_ps(step_size);
   const __m512 bc = _mm512_set1_ps(bc2_sqrt);
   const __m512i sign = _mm512_set1_epi32(s.maximize ? static_cast<int>(0x80000000u) : 0);
+  const __m512i expo = _mm512_set1_epi32(0x7F800000);
+  int64_t bad = 0;
   for (int64_t t = 0; t < n; t += 16) {
-    const __mmask16 k = tail_mask(n - t);
-    const __m512 gt = _mm512_castsi512_ps(
-        _mm512_xor_si512(_mm512_castps_si512(_mm512_maskz_loadu_ps(k, g + t)), sign));
+    __mmask16 k = tail_mask(n - t);
+    const __m512i graw = _mm512_castps_si512(_mm512_maskz_loadu_ps(k, g + t));
+    if constexpr (kSkip) {
+      const __mmask16 nf = _mm512_mask_cmpeq_epi32_mask(k, _mm512_and_si512(graw, expo), expo);
+      bad += __builtin_popcount(static_cast<uint32_t>(nf));
+      k &= static_cast<__mmask16>(~nf);
+    }
+    const __m512 gt = _mm512_castsi512_ps(_mm512_xor_si512(graw, sign));
     const __m512 pt = MUL(_mm512_maskz_loadu_ps(k, p + t), decay);
     const __m512 mo = _mm512_maskz_loadu_ps(k, m + t);
     const __m512 mt = ADD(mo, MUL(w1, SUB(gt, mo)));
@@ -318,6 +401,7 @@ DOWSER_AVX512 void adam_math_avx512(int64_t n, float* p, const float* g, float* 
     _mm512_mask_storeu_ps(v + t, k, vt);
     _mm512_mask_storeu_ps(p + t, k, SUB(pt, DIV(MUL(ss, mt), denom)));
   }
+  return bad;
 }
 
 void adam_math_generic(int64_t n, float* p, const float* g, float* m, float* v,
@@ -467,12 +551,16 @@ inline bool block_all_trainable(const Item& it, int64_t w0, int64_t w1) {
   return full == w1 || word_at(it, w1 - 1) == ((1u << (it.n % 32)) - 1u);
 }
 
-// The update: `math(k, pbuf, gbuf, s1, s2, item)` runs phase B on one block's k entries.
+// The update: `math(k, pbuf, gbuf, s1, s2, item)` runs phase B on one block's k entries and
+// returns how many of them it skipped for a NaN/Inf gradient (always 0 unless `skip`); a block
+// with such entries is written back only where the gradient is finite. Returns the per-item
+// skipped counts.
 template <typename Math>
-void run_blocks(const std::vector<Item>& items, const std::vector<Task>& tasks, bool need_s1,
-                bool need_s2, Math math) {
+std::vector<int64_t> run_blocks(const std::vector<Item>& items, const std::vector<Task>& tasks,
+                                bool need_s1, bool need_s2, bool skip, Math math) {
   const bool avx = have_avx512();
   const int64_t nt = static_cast<int64_t>(tasks.size());
+  std::vector<int64_t> per_task(skip ? nt : 0, 0);
 #pragma omp parallel if (nt > 1)
   {
     constexpr int64_t kStride = kBlockEntries + 16;  // + slack for full-vector stores/loads
@@ -490,48 +578,69 @@ void run_blocks(const std::vector<Item>& items, const std::vector<Task>& tasks, 
         // gather. Compact state is then contiguous and 1:1 too, from the block's prefix sum.
         const int64_t e0 = w0 * 32, e1 = std::min(it.n, w1 * 32);
         const int64_t s0 = it.offsets != nullptr ? it.offsets[w0] : e0;
-        math(e1 - e0, static_cast<float*>(it.param) + e0, static_cast<const float*>(it.grad) + e0,
-             need_s1 ? it.s1 + s0 : nullptr, need_s2 ? it.s2 + s0 : nullptr, it);
+        const int64_t b = math(e1 - e0, static_cast<float*>(it.param) + e0,
+                               static_cast<const float*>(it.grad) + e0,
+                               need_s1 ? it.s1 + s0 : nullptr, need_s2 ? it.s2 + s0 : nullptr, it);
+        if (skip) per_task[t] = b;
         continue;
       }
-      auto gather = [&](const void* src, bool f32, float* dst) {
-        if (!avx) return gather_scalar(it, src, f32, w0, w1, dst);
-        int64_t got = 0;
-        if (f32) got = gather1_avx512<Kind::F32>(it, src, w0, w1, dst);
-        else with_kind(it.kind, [&](auto kc) { got = gather1_avx512<decltype(kc)::value>(it, src, w0, w1, dst); });
-        return got;
-      };
-      auto scatter = [&](void* dst, bool f32, const float* src) {
-        if (!avx) scatter_scalar(it, dst, f32, w0, w1, src);
-        else if (f32) scatter_avx512<Kind::F32>(it, dst, w0, w1, src);
-        else with_kind(it.kind, [&](auto kc) { scatter_avx512<decltype(kc)::value>(it, dst, w0, w1, src); });
-      };
-      int64_t k = 0;
-      if (avx) {
-        with_kind(it.kind, [&](auto kc) { k = gather_pg_avx512<decltype(kc)::value>(it, w0, w1, pb, gb); });
-      } else {
-        k = gather(it.param, false, pb);
-        gather(it.grad, false, gb);
-      }
-      if (k == 0) continue;
-      float* s1 = nullptr;
-      float* s2 = nullptr;
-      if (it.offsets != nullptr) {  // compact: this block's state is contiguous
-        const int64_t off = it.offsets[w0];
-        s1 = need_s1 ? it.s1 + off : nullptr;
-        s2 = need_s2 ? it.s2 + off : nullptr;
-      } else {
-        if (need_s1) { gather(it.s1, true, s1b); s1 = s1b; }
-        if (need_s2) { gather(it.s2, true, s2b); s2 = s2b; }
-      }
-      math(k, pb, gb, s1, s2, it);
-      scatter(it.param, false, pb);
-      if (it.offsets == nullptr) {
-        if (need_s1) scatter(it.s1, true, s1b);
-        if (need_s2) scatter(it.s2, true, s2b);
+      // Sub-blocks of a few words: gather, math and scatter alternate often enough that the
+      // prefetches (kPrefetch entries ahead, across sub-block ends) keep memory busy throughout.
+      const int64_t sub = sub_words();
+      for (int64_t a = w0; a < w1; a += sub) {
+        const int64_t e = std::min(w1, a + sub);
+        auto gather = [&](const void* src, bool f32, float* dst) {
+          if (!avx) return gather_scalar(it, src, f32, a, e, dst);
+          int64_t got = 0;
+          if (f32) got = gather1_avx512<Kind::F32>(it, src, a, e, dst);
+          else with_kind(it.kind, [&](auto kc) { got = gather1_avx512<decltype(kc)::value>(it, src, a, e, dst); });
+          return got;
+        };
+        auto scatter = [&](void* dst, bool f32, const float* src) {
+          if (!avx) scatter_scalar(it, dst, f32, a, e, src);
+          else if (f32) scatter_avx512<Kind::F32>(it, dst, a, e, src);
+          else with_kind(it.kind, [&](auto kc) { scatter_avx512<decltype(kc)::value>(it, dst, a, e, src); });
+        };
+        int64_t k = 0;
+        if (avx) {
+          with_kind(it.kind, [&](auto kc) { k = gather_pg_avx512<decltype(kc)::value>(it, a, e, pb, gb); });
+        } else {
+          k = gather(it.param, false, pb);
+          gather(it.grad, false, gb);
+        }
+        if (k == 0) continue;
+        float* s1 = nullptr;
+        float* s2 = nullptr;
+        if (it.offsets != nullptr) {  // compact: this sub-block's state is contiguous
+          const int64_t off = it.offsets[a];
+          s1 = need_s1 ? it.s1 + off : nullptr;
+          s2 = need_s2 ? it.s2 + off : nullptr;
+        } else {
+          if (need_s1) { gather(it.s1, true, s1b); s1 = s1b; }
+          if (need_s2) { gather(it.s2, true, s2b); s2 = s2b; }
+        }
+        const int64_t bad = (variant() & 4) ? 0 : math(k, pb, gb, s1, s2, it);
+        if (variant() & 8) continue;
+        if (bad != 0) {  // skip mode only: write back the entries with a finite gradient
+          per_task[t] += bad;
+          scatter_finite(it, it.param, false, a, e, pb);
+          if (it.offsets == nullptr) {
+            if (need_s1) scatter_finite(it, it.s1, true, a, e, s1b);
+            if (need_s2) scatter_finite(it, it.s2, true, a, e, s2b);
+          }
+          continue;
+        }
+        scatter(it.param, false, pb);
+        if (it.offsets == nullptr) {
+          if (need_s1) scatter(it.s1, true, s1b);
+          if (need_s2) scatter(it.s2, true, s2b);
+        }
       }
     }
   }
+  std::vector<int64_t> per_item(items.size(), 0);
+  for (int64_t t = 0; t < static_cast<int64_t>(per_task.size()); ++t) per_item[tasks[t].item] += per_task[t];
+  return per_item;
 }
 
 }  // namespace
@@ -543,7 +652,8 @@ torch::Tensor masked_adamw_cpu(const std::vector<torch::Tensor>& params,
                                const std::vector<torch::Tensor>& masks,
                                const std::vector<torch::Tensor>& offsets,
                                const std::vector<double>& steps, double lr, double beta1,
-                               double beta2, double eps, double weight_decay, bool maximize) {
+                               double beta2, double eps, double weight_decay, bool maximize,
+                               bool skip_nonfinite) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                   masks.size() == n && offsets.size() == n && steps.size() == n,
@@ -563,20 +673,31 @@ torch::Tensor masked_adamw_cpu(const std::vector<torch::Tensor>& params,
     items.push_back(it);
   }
   const std::vector<Task> tasks = make_tasks(items);
-  torch::Tensor bad = count_bad(items, tasks);
-  const int64_t* b = bad.data_ptr<int64_t>();
-  for (size_t i = 0; i < n; ++i)
-    if (b[i]) return bad;  // nothing written
+  if (!skip_nonfinite) {  // atomic: a read-only pass first; any NaN/Inf and nothing is written
+    torch::Tensor bad = count_bad(items, tasks);
+    const int64_t* b = bad.data_ptr<int64_t>();
+    for (size_t i = 0; i < n; ++i)
+      if (b[i]) return bad;
+  }
 
   AdamScalars s{static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(1.0 - beta1),
                 static_cast<float>(beta2), static_cast<float>(1.0 - beta2), static_cast<float>(eps),
                 maximize};
   const bool avx = have_avx512();
-  run_blocks(items, tasks, true, true,
-             [&](int64_t k, float* p, const float* g, float* m, float* v, const Item& it) {
-               if (avx) adam_math_avx512(k, p, g, m, v, s, it.step_size, it.bc2_sqrt);
-               else adam_math_generic(k, p, g, m, v, s, it.step_size, it.bc2_sqrt);
-             });
+  // Skip mode is one pass: NaN/Inf entries are left as they are and counted.
+  const std::vector<int64_t> skipped = run_blocks(
+      items, tasks, true, true, skip_nonfinite,
+      [&](int64_t k, float* p, const float* g, float* m, float* v, const Item& it) -> int64_t {
+        if (skip_nonfinite) {
+          if (avx) return adam_math_avx512<true>(k, p, g, m, v, s, it.step_size, it.bc2_sqrt);
+          return adam_math_skip_scalar(k, p, g, m, v, s, it.step_size, it.bc2_sqrt);
+        }
+        if (avx) adam_math_avx512<false>(k, p, g, m, v, s, it.step_size, it.bc2_sqrt);
+        else adam_math_generic(k, p, g, m, v, s, it.step_size, it.bc2_sqrt);
+        return 0;
+      });
+  torch::Tensor bad = torch::zeros({static_cast<int64_t>(n)}, torch::kInt64);
+  std::copy(skipped.begin(), skipped.end(), bad.data_ptr<int64_t>());
   return bad;
 }
 
@@ -610,10 +731,11 @@ torch::Tensor masked_sgd_cpu(const std::vector<torch::Tensor>& params,
                static_cast<float>(1.0 - dampening), static_cast<float>(weight_decay), nesterov,
                maximize, has_momentum};
   const bool avx = have_avx512();
-  run_blocks(items, tasks, has_momentum, false,
-             [&](int64_t k, float* p, const float* g, float* buf, float*, const Item& it) {
+  run_blocks(items, tasks, has_momentum, false, false,
+             [&](int64_t k, float* p, const float* g, float* buf, float*, const Item& it) -> int64_t {
                if (avx) sgd_math_avx512(k, p, g, buf, s, it.first);
                else sgd_math_generic(k, p, g, buf, s, it.first);
+               return 0;
              });
   return bad;
 }

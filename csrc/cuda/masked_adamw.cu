@@ -39,6 +39,7 @@ struct Hyper {
   float decay, w1, beta2, one_minus_beta2, eps;        // AdamW
   float lr, momentum, one_minus_dampening, wd;         // SGD
   int32_t maximize, nesterov, has_momentum;
+  int32_t skip_nonfinite;  // AdamW "skip" mode: update the finite entries, keep the NaN/Inf ones
 };
 
 __device__ __forceinline__ float load_val(const Meta& m, int64_t base, int64_t i) {
@@ -102,7 +103,7 @@ __global__ void count_bad_kernel(const Meta* metas, int count, unsigned long lon
 
 template <bool kAdam>
 __global__ void step_kernel(const Meta* metas, int count, Hyper hp, const unsigned long long* bad) {
-  if (bad[count] != 0) return;  // a trainable NaN/Inf somewhere: write nothing at all
+  if (!hp.skip_nonfinite && bad[count] != 0) return;  // a trainable NaN/Inf: write nothing at all
   const int64_t chunk = blockIdx.x;
   const int t = find_tensor(metas, count, chunk);
   const Meta m = metas[t];
@@ -118,6 +119,7 @@ __global__ void step_kernel(const Meta* metas, int count, Hyper hp, const unsign
     const int64_t i = w * 32 + lane;
     const int64_t si = offsets ? static_cast<int64_t>(offsets[w]) + __popc(word & ((1u << lane) - 1u)) : i;
     float g = load_val(m, m.grad, i);
+    if (hp.skip_nonfinite && !isfinite(g)) continue;  // skip mode: param and state keep their bits
     if (hp.maximize) g = -g;
     float p = load_val(m, m.param, i);
     if (kAdam) {
@@ -236,7 +238,7 @@ torch::Tensor masked_adamw_cuda(const std::vector<torch::Tensor>& params,
                                 const std::vector<torch::Tensor>& offsets,
                                 const std::vector<double>& steps, double lr, double beta1,
                                 double beta2, double eps, double weight_decay, bool maximize,
-                                int64_t stream) {
+                                bool skip_nonfinite, int64_t stream) {
   const size_t n = params.size();
   TORCH_CHECK(n > 0 && grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                   masks.size() == n && offsets.size() == n && steps.size() == n,
@@ -254,6 +256,7 @@ torch::Tensor masked_adamw_cuda(const std::vector<torch::Tensor>& params,
   hp.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   hp.eps = static_cast<float>(eps);
   hp.maximize = maximize;
+  hp.skip_nonfinite = skip_nonfinite;
   return launch(true, metas, chunks, hp, params[0].device(), stream);
 }
 

@@ -3,7 +3,10 @@
 One call updates every parameter of a group (same device). Per tensor: a packed mask (None =
 every entry trains) and, for compact state, the mask's per-word popcount prefix sums. Each op
 returns the per-tensor count of NaN/Inf gradients in trainable entries; when any is non-zero
-the op wrote nothing (dowser.optim raises ValueError naming the parameter).
+the op wrote nothing (dowser.optim raises ValueError naming the parameter). With
+skip_nonfinite=True (AdamW only) the step is one pass instead: entries whose gradient is
+NaN/Inf keep their param and state bits, every other trainable entry is updated, and the
+counts say how many were skipped.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dowser._registry import define, register
 _ADAMW_SCHEMA = ("(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
                  "Tensor(c!)[] exp_avg_sqs, Tensor?[] masks, Tensor?[] offsets, float[] steps, "
                  "float lr, float beta1, float beta2, float eps, float weight_decay, "
-                 "bool maximize) -> Tensor")
+                 "bool maximize, bool skip_nonfinite=False) -> Tensor")
 _SGD_SCHEMA = ("(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, Tensor?[] masks, "
                "Tensor?[] offsets, bool[] first, float lr, float momentum, float dampening, "
                "float weight_decay, bool nesterov, bool maximize) -> Tensor")
@@ -56,23 +59,25 @@ def _contiguous_params(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], 
     return work, back
 
 
-def _copy_back(back: list[tuple], bad: torch.Tensor) -> None:
-    if back and not bool(bad.any()):
+def _copy_back(back: list[tuple], bad: torch.Tensor, skip_nonfinite: bool = False) -> None:
+    # Atomic mode wrote nothing when a count is non-zero; skip mode always updated the rest.
+    if back and (skip_nonfinite or not bool(bad.any())):
         for p, c in back:
             p.copy_(c)
 
 
 @register("masked_adamw_step", "cpp", ("cpu",), cpp_symbol="masked_adamw_cpu")
 def _adamw_cpp(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, steps, lr, beta1, beta2, eps,
-               weight_decay, maximize) -> torch.Tensor:
+               weight_decay, maximize, skip_nonfinite=False) -> torch.Tensor:
     from dowser import _ext
 
     work, back = _contiguous_params(list(params))
     bad = _ext.load().masked_adamw_cpu(
         work, [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
         _none_as_empty(masks, "cpu"), _none_as_empty(offsets, "cpu"), [float(s) for s in steps],
-        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize))
-    _copy_back(back, bad)
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize),
+        bool(skip_nonfinite))
+    _copy_back(back, bad, bool(skip_nonfinite))
     return bad
 
 
@@ -96,7 +101,7 @@ def _cuda_stream(device: torch.device) -> int:
 
 @register("masked_adamw_step", "cuda", ("cuda",), cpp_symbol="masked_adamw_cuda")
 def _adamw_cuda(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, steps, lr, beta1, beta2, eps,
-                weight_decay, maximize) -> torch.Tensor:
+                weight_decay, maximize, skip_nonfinite=False) -> torch.Tensor:
     from dowser import _ext
 
     if not len(params):
@@ -107,8 +112,8 @@ def _adamw_cuda(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, steps, lr,
         work, [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
         _none_as_empty(masks, device), _none_as_empty(offsets, device), [float(s) for s in steps],
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize),
-        _cuda_stream(device))
-    _copy_back(back, bad)
+        bool(skip_nonfinite), _cuda_stream(device))
+    _copy_back(back, bad, bool(skip_nonfinite))
     return bad
 
 

@@ -302,7 +302,8 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor],
             ok = torch.isfinite(gf)
             if not bool(ok.all()):  # keep the old bits of the skipped entries
                 sel = torch.arange(gf.numel(), device=gf.device)[ok]
-                sel_idx = sel if idx is None else idx[sel]
+                # idx is a boolean mask over the flat parameter; sel counts trainable entries
+                sel_idx = sel if idx is None else idx.nonzero().squeeze(1)[sel]
                 pf, mf, vf = pf[ok], mf[ok], vf[ok]
                 flat = p.reshape(-1) if p.is_contiguous() else None
                 if flat is not None:

@@ -15,4 +15,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_mask_cpu", &dowser::pack_mask_cpu, "pack a bool mask into int32 words", py::arg("mask"));
   m.def("unpack_mask_cpu", &dowser::unpack_mask_cpu, "unpack int32 words into a flat bool mask",
         py::arg("packed"), py::arg("numel"));
+  // issue 4: scores and exact bottom-k masks
+  m.def("scores_cpu", &dowser::scores_cpu, "materialised scores |W| * (P A)", py::arg("weight"),
+        py::arg("p"), py::arg("a"));
+  m.def("select_masks_cpu", &dowser::select_masks_cpu,
+        "packed masks of the k lowest scores over all layers, and [T key, below, ties]",
+        py::arg("weights"), py::arg("ps"), py::arg("as"), py::arg("k"));
 }

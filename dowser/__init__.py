@@ -14,3 +14,9 @@ from dowser._registry import backend_info  # noqa: E402
 from dowser.selfcheck import selfcheck  # noqa: E402
 
 __all__ = ["__version__", "ops", "backend_info", "selfcheck"]
+
+# --- probing and masks (issue #6) ---
+from dowser.probe import ProbeEntry, ProbeStats, prepare, probe  # noqa: E402
+from dowser.masks import MaskSet, build_masks  # noqa: E402
+
+__all__ += ["probe", "ProbeStats", "ProbeEntry", "build_masks", "MaskSet", "prepare"]

@@ -1,0 +1,232 @@
+"""Stage 2 of Model-Dowser: masks from probe statistics, and their safetensors files.
+
+Every mask is built by `dowser.ops.build_mask` (or `build_masks_global`) straight from the
+low-rank factors, over the parameter AS STORED: GPT-2's Conv1D keeps W^T (d_in x d_out), so its
+mask is built on the stored weight with the factors swapped. No d_out x d_in score matrix is
+ever materialised here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from dowser._checks import check_rho
+from dowser.probe import FORMAT_VERSION, ProbeStats, _is_conv1d, layer_dims, model_identity
+
+__all__ = ["MaskSet", "build_masks"]
+
+_SAMPLES_PREFIX = "__score_samples__."
+_N_SAMPLES = 2048  # sampled scores kept per matrix for `dowser inspect` histograms
+
+
+class MaskSet(Mapping):
+    """Mapping parameter name (as in model.named_parameters()) -> packed int32 mask.
+
+    Attributes:
+        shapes: parameter name -> the parameter's shape (the mask's layout is row-major over it).
+        metadata: rho, scope, probe settings, model identity, package version.
+        score_samples: parameter name -> fp32 scores of a fixed random sample of its entries
+            (for histograms; empty when unknown).
+    """
+
+    def __init__(self, masks: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                 metadata: dict[str, Any] | None = None,
+                 score_samples: dict[str, torch.Tensor] | None = None):
+        if set(masks) != set(shapes):
+            raise ValueError("masks and shapes must name the same parameters")
+        self._masks = dict(masks)
+        self.shapes = {k: tuple(int(s) for s in v) for k, v in shapes.items()}
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self.score_samples: dict[str, torch.Tensor] = dict(score_samples or {})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._masks[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __repr__(self) -> str:
+        return (f"MaskSet({len(self)} masks, rho={self.metadata.get('rho')}, "
+                f"scope={self.metadata.get('scope')})")
+
+    def to(self, device: torch.device | str) -> "MaskSet":
+        """A copy with every mask on `device`."""
+        return MaskSet({k: v.to(device) for k, v in self._masks.items()}, self.shapes,
+                       self.metadata, self.score_samples)
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """parameter name -> (trainable entries, total entries)."""
+        from dowser.ops import popcount
+
+        out = {}
+        for name, packed in self._masks.items():
+            total = 1
+            for s in self.shapes[name]:
+                total *= s
+            out[name] = (popcount(packed), total)
+        return out
+
+    def summary(self) -> str:
+        """A per-layer table: trainable count, total and fraction of every masked parameter."""
+        counts = self.counts()
+        width = max([len(n) for n in counts] + [9])
+        lines = [f"{'parameter':<{width}}  {'shape':>14}  {'trainable':>11}  {'total':>11}  "
+                 f"{'fraction':>8}"]
+        all_t = all_n = 0
+        for name, (t, n) in counts.items():
+            shape = "x".join(map(str, self.shapes[name]))
+            lines.append(f"{name:<{width}}  {shape:>14}  {t:>11}  {n:>11}  "
+                         f"{(t / n if n else 0):>8.4f}")
+            all_t += t
+            all_n += n
+        lines.append(f"{'total':<{width}}  {'':>14}  {all_t:>11}  {all_n:>11}  "
+                     f"{(all_t / all_n if all_n else 0):>8.4f}")
+        meta = ", ".join(f"{k}={self.metadata[k]}" for k in
+                         ("rho", "scope", "n_samples", "n_rademacher", "estimator", "seed",
+                          "model_name") if k in self.metadata)
+        return meta + "\n" + "\n".join(lines)
+
+    def save(self, path: str) -> None:
+        """Write the masks (int32 words) and metadata to a safetensors file (no pickle)."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().clone() for k, v in self._masks.items()}
+        for k, v in self.score_samples.items():
+            tensors[_SAMPLES_PREFIX + k] = v.detach().float().cpu().clone()
+        meta = dict(self.metadata)
+        meta["kind"] = "dowser.MaskSet"
+        meta["format_version"] = FORMAT_VERSION
+        meta["shapes"] = {k: list(v) for k, v in self.shapes.items()}
+        flat = {"dowser": json.dumps(meta)}
+        for key in ("format_version", "rho", "scope", "n_samples", "n_rademacher", "estimator",
+                    "seed", "model_name", "config_hash", "dowser_version"):
+            if key in meta:  # also as plain fields, readable by any safetensors tool
+                flat[key] = str(meta[key])
+        save_file(tensors, str(path), metadata=flat)
+
+    @classmethod
+    def load(cls, path: str, model: nn.Module | None = None) -> "MaskSet":
+        """Read a mask file; with `model`, refuse one made for another model: the message names
+        the first parameter that is missing or has another shape."""
+        from safetensors import safe_open
+
+        from dowser._checks import check_packed
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("dowser", "{}"))
+            if meta.get("kind") != "dowser.MaskSet":
+                raise ValueError(f"{path} is not a dowser mask file")
+            if int(meta.get("format_version", -1)) > FORMAT_VERSION:
+                raise ValueError(f"{path} has format version {meta.get('format_version')}, this "
+                                 f"dowser reads up to {FORMAT_VERSION}")
+            shapes = {k: tuple(v) for k, v in meta.pop("shapes").items()}
+            masks, samples = {}, {}
+            for key in fh.keys():
+                if key.startswith(_SAMPLES_PREFIX):
+                    samples[key[len(_SAMPLES_PREFIX):]] = fh.get_tensor(key)
+                else:
+                    masks[key] = fh.get_tensor(key)
+        meta.pop("kind", None)
+        # keep the file's parameter order
+        masks = {k: masks[k] for k in shapes}
+        for name, packed in masks.items():
+            numel = 1
+            for s in shapes[name]:
+                numel *= s
+            check_packed(f"mask {name!r} in {path}", packed, numel)
+        if model is not None:
+            params = dict(model.named_parameters())
+            for name, shape in shapes.items():
+                if name not in params:
+                    raise ValueError(f"mask file {path} was made for another model: this "
+                                     f"{type(model).__name__} has no parameter {name!r}")
+                if tuple(params[name].shape) != shape:
+                    raise ValueError(
+                        f"mask file {path} was made for another model: parameter {name!r} is "
+                        f"{tuple(params[name].shape)} here but {shape} in the file")
+        return cls(masks, shapes, meta, samples)
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), n)  # first name, as named_parameters() reports a tied weight
+    return names
+
+
+def _sample_scores(weight: torch.Tensor, psi: torch.Tensor, a: torch.Tensor, bw: torch.Tensor,
+                   conv1d: bool, gen: torch.Generator) -> torch.Tensor:
+    """Scores of _N_SAMPLES random entries of the stored weight, without the dense matrix."""
+    rows, cols = weight.shape
+    n = min(_N_SAMPLES, rows * cols)
+    idx = torch.randperm(rows * cols, generator=gen)[:n] if rows * cols <= 1 << 24 else \
+        torch.randint(0, rows * cols, (n,), generator=gen)
+    idx = idx.to(weight.device)
+    r, c = idx // cols, idx % cols
+    out_i, in_j = (c, r) if conv1d else (r, c)
+    w = bw.double() / bw.double().sum()
+    low = ((psi.double()[:, out_i] * a.double()[:, in_j]) * w[:, None]).sum(0)
+    return (weight.detach().reshape(-1)[idx].double().abs() * low).float().cpu()
+
+
+def build_masks(model: nn.Module, stats: ProbeStats, rho: float = 0.1,
+                scope: str = "matrix") -> MaskSet:
+    """Masks for every probed layer: the bottom-rho fraction by score is trainable (bit 1).
+
+    scope="matrix": exactly k = floor(rho * n + 0.5) entries of every matrix;
+    scope="global": all probed matrices ranked together (dowser.ops.build_masks_global).
+    Keys are parameter names (as in model.named_parameters()); masks lie on each weight's device.
+    """
+    from dowser import __version__
+    from dowser import ops
+
+    rho = check_rho(rho)
+    if scope not in ("matrix", "global"):
+        raise ValueError(f"scope must be 'matrix' or 'global', got {scope!r}")
+    if not isinstance(stats, ProbeStats):
+        raise TypeError(f"stats must be a ProbeStats (from dowser.probe), got {type(stats).__name__}")
+    modules = dict(model.named_modules())
+    pnames = _param_names(model)
+    layers, names, shapes, samples = [], [], {}, {}
+    gen = torch.Generator().manual_seed(0)
+    for mname, entry in stats.items():
+        mod = modules.get(mname)
+        if mod is None or not isinstance(getattr(mod, "weight", None), torch.Tensor):
+            raise ValueError(f"stats has layer {mname!r}, which this {type(model).__name__} lacks")
+        d_out, d_in = layer_dims(mod)
+        if (entry.out_factors.shape[1], entry.in_factors.shape[1]) != (d_out, d_in):
+            raise ValueError(f"stats for {mname!r} are {entry.out_factors.shape[1]}x"
+                             f"{entry.in_factors.shape[1]} but the layer is {d_out}x{d_in}")
+        weight = mod.weight
+        dev = weight.device
+        psi = entry.out_factors.to(dev, torch.float32)
+        a = entry.in_factors.to(dev, torch.float32)
+        bw = entry.batch_weights.to(dev, torch.float32)
+        conv1d = _is_conv1d(mod)
+        # The mask is laid out over the weight as stored: Conv1D stores W^T, whose rows are the
+        # layer's inputs, so its "out" factor is A and its "in" factor is Psi.
+        rows_f, cols_f = (a, psi) if conv1d else (psi, a)
+        layers.append((weight.detach(), rows_f, cols_f, bw))
+        pname = pnames[id(weight)]
+        if pname in shapes:
+            raise ValueError(f"parameter {pname!r} is targeted twice (tied weights?)")
+        names.append(pname)
+        shapes[pname] = tuple(weight.shape)
+        samples[pname] = _sample_scores(weight, psi, a, bw, conv1d, gen)
+    if scope == "global":
+        packed = ops.build_masks_global(layers, rho)
+    else:
+        packed = [ops.build_mask(w, o, i, rho, batch_weights=bw) for (w, o, i, bw) in layers]
+    meta = {k: v for k, v in stats.metadata.items() if k != "roles"}
+    meta.update(model_identity(model))
+    meta.update({"rho": rho, "scope": scope, "dowser_version": __version__,
+                 "modules": {p: m for p, m in zip(names, stats)}})
+    return MaskSet(dict(zip(names, packed)), shapes, meta, samples)

@@ -17,4 +17,43 @@ std::tuple<std::vector<torch::Tensor>, torch::Tensor> select_masks_cpu(
     const std::vector<torch::Tensor>& weights, const std::vector<torch::Tensor>& ps,
     const std::vector<torch::Tensor>& as, int64_t k);
 
+// Masked optimizer steps (csrc/cpu/masked_adamw.cpp). An empty masks[i] means every entry
+// trains; a non-empty offsets[i] (per-word popcount prefix sums) means compact fp32 state.
+// Returns per-tensor NaN/Inf counts of trainable gradients; nothing is written if any is > 0.
+torch::Tensor masked_adamw_cpu(const std::vector<torch::Tensor>& params,
+                               const std::vector<torch::Tensor>& grads,
+                               const std::vector<torch::Tensor>& exp_avgs,
+                               const std::vector<torch::Tensor>& exp_avg_sqs,
+                               const std::vector<torch::Tensor>& masks,
+                               const std::vector<torch::Tensor>& offsets,
+                               const std::vector<double>& steps, double lr, double beta1,
+                               double beta2, double eps, double weight_decay, bool maximize);
+torch::Tensor masked_sgd_cpu(const std::vector<torch::Tensor>& params,
+                             const std::vector<torch::Tensor>& grads,
+                             const std::vector<torch::Tensor>& bufs,
+                             const std::vector<torch::Tensor>& masks,
+                             const std::vector<torch::Tensor>& offsets, const std::vector<bool>& first,
+                             double lr, double momentum, double dampening, double weight_decay,
+                             bool nesterov, bool maximize);
+#ifdef DOWSER_WITH_CUDA
+// The same steps on CUDA (csrc/cuda/masked_adamw.cu), one multi-tensor launch per call;
+// `stream` is the CUDA stream as an integer (torch.cuda.current_stream().cuda_stream).
+torch::Tensor masked_adamw_cuda(const std::vector<torch::Tensor>& params,
+                                const std::vector<torch::Tensor>& grads,
+                                const std::vector<torch::Tensor>& exp_avgs,
+                                const std::vector<torch::Tensor>& exp_avg_sqs,
+                                const std::vector<torch::Tensor>& masks,
+                                const std::vector<torch::Tensor>& offsets,
+                                const std::vector<double>& steps, double lr, double beta1,
+                                double beta2, double eps, double weight_decay, bool maximize,
+                                int64_t stream);
+torch::Tensor masked_sgd_cuda(const std::vector<torch::Tensor>& params,
+                              const std::vector<torch::Tensor>& grads,
+                              const std::vector<torch::Tensor>& bufs,
+                              const std::vector<torch::Tensor>& masks,
+                              const std::vector<torch::Tensor>& offsets, const std::vector<bool>& first,
+                              double lr, double momentum, double dampening, double weight_decay,
+                              bool nesterov, bool maximize, int64_t stream);
+#endif
+
 }  // namespace dowser

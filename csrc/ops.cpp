@@ -21,4 +21,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("select_masks_cpu", &dowser::select_masks_cpu,
         "packed masks of the k lowest scores over all layers, and [T key, below, ties]",
         py::arg("weights"), py::arg("ps"), py::arg("as"), py::arg("k"));
+
+  // masked optimizer steps (issue 5)
+  m.def("masked_adamw_cpu", &dowser::masked_adamw_cpu, "masked AdamW step on packed masks (CPU)");
+  m.def("masked_sgd_cpu", &dowser::masked_sgd_cpu, "masked SGD step on packed masks (CPU)");
+#ifdef DOWSER_WITH_CUDA
+  m.def("masked_adamw_cuda", &dowser::masked_adamw_cuda, "masked AdamW step on packed masks (CUDA)");
+  m.def("masked_sgd_cuda", &dowser::masked_sgd_cuda, "masked SGD step on packed masks (CUDA)");
+#endif
 }

@@ -3,20 +3,22 @@
 Score every weight by how much the model's output depends on it (‖J_i‖·|W_ij|·|h_j|, probed
 with prompts the model writes itself), then fine-tune only the least important fraction ρ and
 leave the rest bit-exactly untouched.
+
+Entry points: `dowser.probe` (sensitivities), `dowser.build_masks` (exact bottom-ρ masks),
+`dowser.prepare` (both, plus freezing), `dowser.MaskedAdamW` / `dowser.MaskedSGD` (the masked
+step), `dowser.mask_gradients` (hook mode for other optimizers), `dowser.ops` (the kernels).
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from dowser import ops  # noqa: E402  (declares the torch.library ops)
-from dowser._registry import backend_info  # noqa: E402
-from dowser.selfcheck import selfcheck  # noqa: E402
+from dowser import ops
+from dowser._registry import backend_info
+from dowser.masks import MaskSet, build_masks
+from dowser.optim import MaskedAdamW, MaskedSGD, mask_gradients
+from dowser.probe import ProbeEntry, ProbeStats, prepare, probe
+from dowser.selfcheck import selfcheck
 
-__all__ = ["__version__", "ops", "backend_info", "selfcheck"]
-
-# --- probing and masks (issue #6) ---
-from dowser.probe import ProbeEntry, ProbeStats, prepare, probe  # noqa: E402
-from dowser.masks import MaskSet, build_masks  # noqa: E402
-
-__all__ += ["probe", "ProbeStats", "ProbeEntry", "build_masks", "MaskSet", "prepare"]
+__all__ = ["__version__", "ops", "backend_info", "selfcheck", "probe", "ProbeStats", "ProbeEntry",
+           "build_masks", "MaskSet", "prepare", "MaskedAdamW", "MaskedSGD", "mask_gradients"]

@@ -6,6 +6,8 @@ Written for clarity, not speed or memory; every kernel must agree with these bit
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _SHIFTS = torch.arange(32, dtype=torch.int64)
@@ -192,3 +194,149 @@ def select_masks_global(weights: list[torch.Tensor], out_factors: list[torch.Ten
     """One threshold over all layers: concatenate the scores and sort."""
     s = [scores(*args) for args in zip(weights, out_factors, in_factors, batch_weights)]
     return select_from_scores(s, k)
+
+
+# ---- masked optimizer steps (issue 5) ---------------------------------------------------------
+
+_POPCOUNT8 = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int32)
+
+
+def word_offsets(packed: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix sum of the per-word popcounts of a packed mask (int32, one per word):
+    the compact-state index of the first trainable entry of each word."""
+    table = _POPCOUNT8.to(packed.device)
+    words = packed.contiguous()
+    out = torch.empty(words.numel(), dtype=torch.int32, device=packed.device)
+    carry = 0
+    for start in range(0, words.numel(), 1 << 14):  # bounded temporaries (~1 MB) for huge masks
+        chunk = words[start:start + (1 << 14)]
+        counts = table[chunk.view(torch.uint8).to(torch.int64)].view(-1, 4).sum(dim=1, dtype=torch.int64)
+        incl = torch.cumsum(counts, 0) + carry
+        out[start:start + chunk.numel()] = (incl - counts).to(torch.int32)
+        carry = int(incl[-1])
+    return out
+
+
+def count_trainable(packed: torch.Tensor, offsets: torch.Tensor | None = None) -> int:
+    """Number of set bits of a packed mask (from its word offsets when given)."""
+    if packed.numel() == 0:
+        return 0
+    if offsets is None:
+        offsets = word_offsets(packed)
+    last = int(packed[-1].item()) & 0xFFFFFFFF
+    return int(offsets[-1].item()) + bin(last).count("1")
+
+
+def _trainable_index(param: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else unpack_mask(mask, param.numel())
+
+
+def _masked_nonfinite(grads, params, masks) -> torch.Tensor:
+    """Per tensor: number of NaN/Inf gradient entries that are trainable."""
+    device = params[0].device if params else torch.device("cpu")
+    bad = torch.zeros(len(params), dtype=torch.int64, device=device)
+    for i, (p, g, mask) in enumerate(zip(params, grads, masks)):
+        flat = g.reshape(-1)
+        idx = _trainable_index(p, mask)
+        sel = flat if idx is None else flat[idx]
+        bad[i] = (~torch.isfinite(sel)).sum()
+    return bad
+
+
+def _state_view(state: torch.Tensor, idx: torch.Tensor | None, compact: bool) -> torch.Tensor:
+    flat = state.view(-1)
+    return flat if (compact or idx is None) else flat[idx]
+
+
+def _write_back(param: torch.Tensor, idx: torch.Tensor | None, new: torch.Tensor) -> None:
+    # Only the trainable entries are assigned; frozen entries are never touched.
+    if idx is None:
+        param.copy_(new.view(param.shape).to(param.dtype))
+    elif param.is_contiguous():
+        param.view(-1)[idx] = new.to(param.dtype)
+    else:
+        flat = param.reshape(-1).clone()
+        flat[idx] = new.to(param.dtype)
+        param.copy_(flat.view(param.shape))
+
+
+def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor],
+                  exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                  masks: list[torch.Tensor | None], offsets: list[torch.Tensor | None],
+                  steps: list[float], lr: float, beta1: float, beta2: float, eps: float,
+                  weight_decay: float, maximize: bool) -> torch.Tensor:
+    """AdamW on the trainable entries only (PyTorch's fused AdamW math order, fp32 math).
+
+    Per tensor i: masks[i] None = every entry trains; offsets[i] given = compact fp32 state of
+    the k trainable entries (in flat order), else state shaped like the parameter. Returns the
+    per-tensor count of NaN/Inf gradients in trainable entries; when any is non-zero nothing
+    was written.
+    """
+    bad = _masked_nonfinite(grads, params, masks)
+    if bool(bad.any()):
+        return bad
+    for p, g, m, v, mask, off, step in zip(params, grads, exp_avgs, exp_avg_sqs, masks, offsets,
+                                          steps):
+        idx = _trainable_index(p, mask)
+        compact = off is not None
+        gf = g.reshape(-1)
+        gf = (gf if idx is None else gf[idx]).float()
+        if maximize:
+            gf = -gf
+        pf = p.reshape(-1)
+        pf = (pf if idx is None else pf[idx]).float()
+        mf = _state_view(m, idx, compact).clone()
+        vf = _state_view(v, idx, compact).clone()
+        bc1 = 1.0 - beta1 ** step
+        bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+        step_size = lr / bc1
+        pf = pf * (1.0 - lr * weight_decay)
+        mf = mf + (1.0 - beta1) * (gf - mf)  # lerp(m, g, 1 - beta1)
+        vf = beta2 * vf + (1.0 - beta2) * (gf * gf)
+        # Correctly rounded sqrt (via fp64, exact after rounding back): torch's fp32 CPU sqrt
+        # may be 1 ulp off, and the kernels use the IEEE instruction.
+        denom = vf.double().sqrt().float() / bc2_sqrt + eps
+        pf = pf - step_size * mf / denom
+        _write_back(p, idx, pf)
+        if compact or idx is None:
+            m.view(-1).copy_(mf)
+            v.view(-1).copy_(vf)
+        else:
+            m.view(-1)[idx] = mf
+            v.view(-1)[idx] = vf
+    return bad
+
+
+def masked_sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
+                masks: list[torch.Tensor | None], offsets: list[torch.Tensor | None],
+                first: list[bool], lr: float, momentum: float, dampening: float,
+                weight_decay: float, nesterov: bool, maximize: bool) -> torch.Tensor:
+    """SGD (torch.optim.SGD's math) on the trainable entries only, fp32 math.
+
+    `bufs` is empty when momentum is 0, else one fp32 momentum buffer per tensor (compact when
+    offsets[i] is given); first[i] = the buffer is fresh (it is then set to the update, as
+    torch does). Returns per-tensor NaN/Inf counts; nothing is written when any is non-zero.
+    """
+    bad = _masked_nonfinite(grads, params, masks)
+    if bool(bad.any()):
+        return bad
+    for i, (p, g, mask, off) in enumerate(zip(params, grads, masks, offsets)):
+        idx = _trainable_index(p, mask)
+        compact = off is not None
+        gf = g.reshape(-1)
+        gf = (gf if idx is None else gf[idx]).float()
+        if maximize:
+            gf = -gf
+        pf = p.reshape(-1)
+        pf = (pf if idx is None else pf[idx]).float()
+        d = gf + weight_decay * pf if weight_decay != 0 else gf
+        if momentum != 0:
+            buf = bufs[i]
+            bf = d.clone() if first[i] else momentum * _state_view(buf, idx, compact) + (1.0 - dampening) * d
+            if compact or idx is None:
+                buf.view(-1).copy_(bf)
+            else:
+                buf.view(-1)[idx] = bf
+            d = d + momentum * bf if nesterov else bf
+        _write_back(p, idx, pf - lr * d)
+    return bad

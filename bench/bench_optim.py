@@ -1,0 +1,185 @@
+"""Benchmark the masked optimizer step against torch.optim.AdamW (foreach and fused), same run.
+
+    python bench/bench_optim.py                       # 45M fp32 parameters on CPU
+    python bench/bench_optim.py --device cuda         # 45M fp32 and a 7B-like bf16 set on GPU
+
+Every configuration runs in a fresh subprocess (so the CPU peak-RSS numbers are clean): it
+builds the tensor set, measures the peak memory of the first two steps (optimizer state is
+allocated there) above the parameters + gradients, then times `--repeat` steps (median).
+Masks: "random" draws each entry independently (the worst case for locality); "structured"
+keeps the bottom-ρ entries of a Dowser-like score |W|·ψ_iα_j (rank-1 row/column factors), the
+shape of a real Model-Dowser mask. Optimizer-state bytes/param sum the state tensors (dowser:
+exp_avg, exp_avg_sq and the cached per-word prefix sums).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SETS = {
+    "45M": [(4096, 11008)],
+    # Llama-2-7B's linear layers: 32 x (q, k, v, o, gate, up, down) = 6.5B parameters.
+    "7B-like": [(4096, 4096)] * 4 * 32 + [(11008, 4096)] * 2 * 32 + [(4096, 11008)] * 32,
+}
+CONFIGS = [
+    # name, optimizer, rho, mask kind, compact
+    ("torch AdamW foreach", "foreach", None, None, None),
+    ("torch AdamW fused", "fused", None, None, None),
+    ("dowser rho=0.1 compact, random mask", "dowser", 0.1, "random", True),
+    ("dowser rho=0.1 compact, structured mask", "dowser", 0.1, "structured", True),
+    ("dowser rho=0.1 dense state, random mask", "dowser", 0.1, "random", False),
+    ("dowser rho=1 compact (all-ones mask)", "dowser", 1.0, "random", True),
+    ("dowser no mask (dense AdamW)", "dowser", None, None, True),
+]
+
+
+def _mask(shape, rho: float, kind: str, device: str, gen: torch.Generator) -> torch.Tensor:
+    from dowser.ops import pack_mask
+
+    if rho >= 1.0:
+        return pack_mask(torch.ones(shape, dtype=torch.bool, device=device))
+    if kind == "random":
+        return pack_mask(torch.rand(shape, device=device, generator=gen) < rho)
+    w = torch.randn(shape, device=device, generator=gen).abs_()
+    psi = torch.randn(shape[0], 1, device=device, generator=gen).exp_()
+    alpha = torch.randn(1, shape[1], device=device, generator=gen).exp_()
+    w.mul_(psi).mul_(alpha)
+    k = max(1, int(rho * w.numel() + 0.5))
+    thresh = w.view(-1).kthvalue(k).values if device == "cpu" else w.view(-1).float().sort().values[k - 1]
+    return pack_mask(w <= thresh)
+
+
+def run_one(set_name: str, config: int, device: str, repeat: int) -> dict:
+    import dowser
+    from dowser.profiling import peak_memory, time_fn
+
+    name, kind, rho, mask_kind, compact = CONFIGS[config]
+    dtype = torch.float32 if set_name == "45M" else torch.bfloat16
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = []
+    for shape in SETS[set_name]:
+        p = torch.nn.Parameter(torch.randn(shape, device=device, dtype=dtype, generator=gen))
+        p.grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
+        params.append(p)
+    n = sum(p.numel() for p in params)
+    if kind == "foreach":
+        opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    elif kind == "fused":
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    else:
+        masks = {} if rho is None else {p: _mask(p.shape, rho, mask_kind, device, gen) for p in params}
+        opt = dowser.MaskedAdamW(params, masks, lr=1e-4, compact_state=compact)
+    if device == "cpu":  # warm the thread pools on a small problem (kept alive, see tests)
+        small = torch.nn.Parameter(torch.randn(64, 64))
+        small.grad = torch.randn(64, 64)
+        torch.optim.AdamW([small], fused=True).step()
+        dowser.MaskedAdamW([small], {}).step()
+    _, peak = peak_memory(lambda: [opt.step() for _ in range(2)], device)
+    state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values()
+                      for t in st.values() if isinstance(t, torch.Tensor) and t.dim())
+    state_bytes += sum(t.numel() * t.element_size() for t in getattr(opt, "_offsets", {}).values())
+    t = time_fn(opt.step, warmup=1, repeat=repeat, device=device)
+    k = sum(opt.trainable_count(p) for p in params) if kind == "dowser" else n
+    return {"set": set_name, "dtype": str(dtype).replace("torch.", ""), "params": n, "config": name,
+            "trainable": round(k / n, 4), "step_ms": t["median_s"] * 1e3, "min_ms": t["min_s"] * 1e3,
+            "state_bytes_per_param": state_bytes / n, "peak_bytes_per_param": peak / n}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sets", nargs="*", default=None, help="45M and/or 7B-like (GPU)")
+    parser.add_argument("--repeat", type=int, default=7, help="timed steps per process")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the configs")
+    parser.add_argument("--one", nargs=2, metavar=("SET", "CONFIG"), help=argparse.SUPPRESS)
+    parser.add_argument("--notes", default="")
+    args = parser.parse_args()
+    if args.one:
+        print("ROW " + json.dumps(run_one(args.one[0], int(args.one[1]), args.device, args.repeat)))
+        return
+    sets = args.sets or (["45M", "7B-like"] if args.device.startswith("cuda") else ["45M"])
+    rows = []
+    for set_name in sets:
+        # Rounds interleave the configurations, so that load from other processes hits all of
+        # them alike; each row reports the median over rounds (and the best round's minimum).
+        per_config: dict[int, list[dict]] = {i: [] for i in range(len(CONFIGS))}
+        errors: dict[int, str] = {}
+        for _ in range(args.rounds):
+            for i in range(len(CONFIGS)):
+                out = subprocess.run([sys.executable, __file__, "--device", args.device, "--repeat",
+                                      str(args.repeat), "--one", set_name, str(i)],
+                                     capture_output=True, text=True)
+                line = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
+                if out.returncode != 0 or not line:
+                    print(out.stderr[-2000:], file=sys.stderr)
+                    errors[i] = out.stderr.strip()[-200:]
+                    continue
+                row = json.loads(line[0][4:])
+                print(row, flush=True)
+                per_config[i].append(row)
+        for i, runs in per_config.items():
+            if not runs:
+                rows.append({"set": set_name, "config": CONFIGS[i][0], "error": errors.get(i, "")})
+                continue
+            row = dict(runs[0])
+            row["step_ms"] = statistics.median(r["step_ms"] for r in runs)
+            row["min_ms"] = min(r["min_ms"] for r in runs)
+            row["peak_bytes_per_param"] = max(r["peak_bytes_per_param"] for r in runs)
+            row["rounds"] = len(runs)
+            rows.append(row)
+    for set_name in sets:
+        fused = [r for r in rows if r.get("set") == set_name and r["config"] == "torch AdamW fused"
+                 and "step_ms" in r]
+        for r in rows:
+            if fused and r.get("set") == set_name and "step_ms" in r:
+                r["speedup_vs_fused"] = fused[0]["step_ms"] / r["step_ms"]
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import RESULTS, write_results
+
+    md = write_results("optim", rows, args.device, notes=(
+        "Step time (median over interleaved rounds of the median of --repeat steps) and memory "
+        "of AdamW steps, each configuration and round in a fresh process. state_bytes_per_param: optimizer state tensors (+ dowser's cached "
+        "prefix sums) per parameter; peak_bytes_per_param: peak memory of the first two steps "
+        "above params + grads (CPU: peak RSS). " + args.notes))
+    _plot(rows, md.with_suffix(".png"))
+    print(f"wrote {md} (and .csv, .png) under {RESULTS}")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ok = [r for r in rows if "step_ms" in r]
+    sets = list(dict.fromkeys(r["set"] for r in ok))
+    fig, axes = plt.subplots(len(sets), 2, figsize=(13, 3.2 * len(sets) + 1), squeeze=False)
+    for row_axes, set_name in zip(axes, sets):
+        sel = [r for r in ok if r["set"] == set_name]
+        labels = [r["config"] for r in sel]
+        colors = ["tab:gray" if r["config"].startswith("torch") else "tab:blue" for r in sel]
+        row_axes[0].barh(labels, [r["step_ms"] for r in sel], color=colors)
+        row_axes[0].set_xlabel("ms / step")
+        row_axes[0].set_title(f"{set_name}: step time")
+        row_axes[0].invert_yaxis()
+        row_axes[1].barh(labels, [r["peak_bytes_per_param"] for r in sel], color=colors)
+        row_axes[1].set_xlabel("peak bytes / parameter (first steps)")
+        row_axes[1].set_title(f"{set_name}: optimizer memory")
+        row_axes[1].invert_yaxis()
+        row_axes[1].set_yticklabels([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+// CUDA masked AdamW / SGD steps on bit-packed masks (layout: DESIGN.md §2), compact state.
+//
+// Multi-tensor launch: one metadata table for all tensors of a group, one grid whose blocks
+// each take a chunk of kChunkWords mask words of one tensor. A warp handles one mask word at a
+// time: lane b owns entry 32*w + b, trains iff bit b is set, and finds its compact state index
+// as offsets[w] + popc(word & ((1 << b) - 1)), so loads/stores stay coalesced. fp32 math for
+// fp32/bf16/fp16 parameters in PyTorch's fused AdamW order, with explicitly rounded intrinsics
+// (no FMA contraction) to match the CPU kernels and the reference.
+//
+// A first kernel counts NaN/Inf gradients in trainable entries (per tensor and in total); the
+// update kernel reads the total on the device and writes nothing when it is non-zero, so there
+// is no host synchronisation inside the op. Only torch/extension.h and the CUDA runtime are
+// included (this file must compile against the CPU torch wheel's headers too); the stream
+// comes from Python as an integer.
+#include <cuda_runtime.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace dowser {
+namespace {
+
+constexpr int kThreads = 256;                // 8 warps
+constexpr int64_t kChunkWords = 64;          // 2048 entries per block
+enum Kind : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
+
+struct Meta {
+  int64_t param, grad, s1, s2, mask, offsets;  // device pointers (0 = none)
+  int64_t n;
+  int64_t chunk_start;  // first global chunk of this tensor
+  float step_size, bc2_sqrt;
+  int32_t kind, first;
+};
+
+struct Hyper {
+  float decay, w1, beta2, one_minus_beta2, eps;        // AdamW
+  float lr, momentum, one_minus_dampening, wd;         // SGD
+  int32_t maximize, nesterov, has_momentum;
+};
+
+__device__ __forceinline__ float load_val(const Meta& m, int64_t base, int64_t i) {
+  if (m.kind == F32) return reinterpret_cast<const float*>(base)[i];
+  const uint16_t h = reinterpret_cast<const uint16_t*>(base)[i];
+  if (m.kind == BF16) return __uint_as_float(static_cast<uint32_t>(h) << 16);
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ void store_val(const Meta& m, int64_t base, int64_t i, float x) {
+  if (m.kind == F32) {
+    reinterpret_cast<float*>(base)[i] = x;
+    return;
+  }
+  uint16_t h;
+  if (m.kind == BF16) {
+    const uint32_t u = __float_as_uint(x);  // round to nearest even (finite values)
+    h = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  } else {
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+  }
+  reinterpret_cast<uint16_t*>(base)[i] = h;
+}
+
+__device__ __forceinline__ int find_tensor(const Meta* metas, int count, int64_t chunk) {
+  int lo = 0, hi = count - 1;  // last tensor whose chunk_start <= chunk
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (metas[mid].chunk_start <= chunk) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+__device__ __forceinline__ uint32_t word_at(const Meta& m, int64_t w) {
+  if (m.mask) return reinterpret_cast<const uint32_t*>(m.mask)[w];
+  const int64_t left = m.n - w * 32;
+  return left >= 32 ? 0xFFFFFFFFu : ((1u << left) - 1u);
+}
+
+__global__ void count_bad_kernel(const Meta* metas, int count, unsigned long long* bad) {
+  const int64_t chunk = blockIdx.x;
+  const int t = find_tensor(metas, count, chunk);
+  const Meta m = metas[t];
+  const int64_t words = (m.n + 31) / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t w0 = (chunk - m.chunk_start) * kChunkWords;
+  unsigned int local = 0;
+  for (int64_t w = w0 + warp; w < min(words, w0 + kChunkWords); w += kThreads / 32) {
+    const uint32_t word = word_at(m, w);
+    if (((word >> lane) & 1u) && !isfinite(load_val(m, m.grad, w * 32 + lane))) ++local;
+  }
+  for (int o = 16; o > 0; o >>= 1) local += __shfl_down_sync(0xFFFFFFFFu, local, o);
+  if (lane == 0 && local) {
+    atomicAdd(bad + t, static_cast<unsigned long long>(local));
+    atomicAdd(bad + count, static_cast<unsigned long long>(local));
+  }
+}
+
+template <bool kAdam>
+__global__ void step_kernel(const Meta* metas, int count, Hyper hp, const unsigned long long* bad) {
+  if (bad[count] != 0) return;  // a trainable NaN/Inf somewhere: write nothing at all
+  const int64_t chunk = blockIdx.x;
+  const int t = find_tensor(metas, count, chunk);
+  const Meta m = metas[t];
+  const int64_t words = (m.n + 31) / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t w0 = (chunk - m.chunk_start) * kChunkWords;
+  float* s1 = reinterpret_cast<float*>(m.s1);
+  float* s2 = reinterpret_cast<float*>(m.s2);
+  const int32_t* offsets = reinterpret_cast<const int32_t*>(m.offsets);
+  for (int64_t w = w0 + warp; w < min(words, w0 + kChunkWords); w += kThreads / 32) {
+    const uint32_t word = word_at(m, w);
+    if (!((word >> lane) & 1u)) continue;  // frozen: never read, never written
+    const int64_t i = w * 32 + lane;
+    const int64_t si = offsets ? static_cast<int64_t>(offsets[w]) + __popc(word & ((1u << lane) - 1u)) : i;
+    float g = load_val(m, m.grad, i);
+    if (hp.maximize) g = -g;
+    float p = load_val(m, m.param, i);
+    if (kAdam) {
+      p = __fmul_rn(p, hp.decay);
+      const float mo = s1[si];
+      const float mt = __fadd_rn(mo, __fmul_rn(hp.w1, __fsub_rn(g, mo)));
+      const float vt = __fadd_rn(__fmul_rn(hp.beta2, s2[si]), __fmul_rn(hp.one_minus_beta2, __fmul_rn(g, g)));
+      const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vt), m.bc2_sqrt), hp.eps);
+      s1[si] = mt;
+      s2[si] = vt;
+      p = __fsub_rn(p, __fdiv_rn(__fmul_rn(m.step_size, mt), denom));
+    } else {
+      float d = g;
+      if (hp.wd != 0.0f) d = __fadd_rn(d, __fmul_rn(hp.wd, p));
+      if (hp.has_momentum) {
+        const float bt = m.first ? d : __fadd_rn(__fmul_rn(hp.momentum, s1[si]), __fmul_rn(hp.one_minus_dampening, d));
+        s1[si] = bt;
+        d = hp.nesterov ? __fadd_rn(d, __fmul_rn(hp.momentum, bt)) : bt;
+      }
+      p = __fsub_rn(p, __fmul_rn(hp.lr, d));
+    }
+    store_val(m, m.param, i, p);
+  }
+}
+
+int32_t kind_of(const torch::Tensor& t) {
+  switch (t.scalar_type()) {
+    case torch::kFloat: return F32;
+    case torch::kHalf: return F16;
+    case torch::kBFloat16: return BF16;
+    default: TORCH_CHECK(false, "masked step: parameters must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return F32;
+}
+
+int64_t ptr_or_zero(const torch::Tensor& t) {
+  return (t.defined() && t.numel() > 0) ? reinterpret_cast<int64_t>(t.data_ptr()) : 0;
+}
+
+// Builds the metadata table; returns the number of chunks (blocks).
+int64_t build_metas(std::vector<Meta>& metas, const std::vector<torch::Tensor>& params,
+                    const std::vector<torch::Tensor>& grads, const std::vector<torch::Tensor>& s1,
+                    const std::vector<torch::Tensor>& s2, const std::vector<torch::Tensor>& masks,
+                    const std::vector<torch::Tensor>& offsets) {
+  int64_t chunks = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const torch::Tensor& p = params[i];
+    TORCH_CHECK(p.is_cuda() && p.is_contiguous(), "masked step: params must be contiguous CUDA tensors");
+    TORCH_CHECK(grads[i].is_contiguous() && grads[i].scalar_type() == p.scalar_type() &&
+                    grads[i].numel() == p.numel() && grads[i].device() == p.device(),
+                "masked step: grad must match its param (dtype, size, device) and be contiguous");
+    const int64_t n = p.numel(), words = (n + 31) / 32;
+    Meta m{};
+    m.param = ptr_or_zero(p);
+    m.grad = ptr_or_zero(grads[i]);
+    m.mask = ptr_or_zero(masks[i]);
+    m.offsets = ptr_or_zero(offsets[i]);
+    if (m.mask) TORCH_CHECK(masks[i].numel() == words && masks[i].scalar_type() == torch::kInt32, "masked step: bad mask");
+    if (m.offsets) TORCH_CHECK(m.mask && offsets[i].numel() == words, "masked step: bad offsets");
+    for (const auto* st : {&s1, &s2}) {
+      if (st->empty()) continue;
+      const torch::Tensor& s = (*st)[i];
+      TORCH_CHECK(s.scalar_type() == torch::kFloat && s.is_contiguous() && s.device() == p.device(),
+                  "masked step: state must be contiguous float32 on the param's device");
+      if (!m.offsets) TORCH_CHECK(s.numel() == n, "masked step: dense state must have one entry per param entry");
+    }
+    m.s1 = s1.empty() ? 0 : ptr_or_zero(s1[i]);
+    m.s2 = s2.empty() ? 0 : ptr_or_zero(s2[i]);
+    m.n = n;
+    m.chunk_start = chunks;
+    m.kind = kind_of(p);
+    chunks += (words + kChunkWords - 1) / kChunkWords;
+    metas.push_back(m);
+  }
+  return chunks;
+}
+
+torch::Tensor launch(bool adam, std::vector<Meta>& metas, int64_t chunks, const Hyper& hp,
+                     const torch::Device& device, int64_t stream_ptr) {
+  const int count = static_cast<int>(metas.size());
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  // metadata + counters in one device buffer: [metas | bad[count + 1]]
+  const size_t meta_bytes = metas.size() * sizeof(Meta);
+  torch::Tensor host = torch::empty({static_cast<int64_t>(meta_bytes)}, torch::kUInt8);
+  std::memcpy(host.data_ptr(), metas.data(), meta_bytes);
+  torch::Tensor dev_meta = torch::empty({static_cast<int64_t>(meta_bytes)},
+                                        torch::TensorOptions().dtype(torch::kUInt8).device(device));
+  torch::Tensor bad = torch::empty({count + 1}, torch::TensorOptions().dtype(torch::kInt64).device(device));
+  TORCH_CHECK(cudaMemcpyAsync(dev_meta.data_ptr(), host.data_ptr(), meta_bytes, cudaMemcpyHostToDevice,
+                              stream) == cudaSuccess, "masked step: metadata copy failed");
+  TORCH_CHECK(cudaMemsetAsync(bad.data_ptr(), 0, (count + 1) * sizeof(int64_t), stream) == cudaSuccess,
+              "masked step: memset failed");
+  // The pageable host buffer must outlive the async copy.
+  TORCH_CHECK(cudaStreamSynchronize(stream) == cudaSuccess, "masked step: stream sync failed");
+  if (chunks > 0) {
+    const Meta* d_meta = reinterpret_cast<const Meta*>(dev_meta.data_ptr());
+    auto* d_bad = reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>());
+    TORCH_CHECK(chunks < (int64_t(1) << 31), "masked step: too many chunks");
+    count_bad_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(d_meta, count, d_bad);
+    if (adam) step_kernel<true><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(d_meta, count, hp, d_bad);
+    else step_kernel<false><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(d_meta, count, hp, d_bad);
+    const cudaError_t err = cudaGetLastError();
+    TORCH_CHECK(err == cudaSuccess, "masked step: kernel launch failed: ", cudaGetErrorString(err));
+  }
+  // dev_meta is freed by the caching allocator only after work queued on the current stream.
+  return bad.narrow(0, 0, count);
+}
+
+}  // namespace
+
+torch::Tensor masked_adamw_cuda(const std::vector<torch::Tensor>& params,
+                                const std::vector<torch::Tensor>& grads,
+                                const std::vector<torch::Tensor>& exp_avgs,
+                                const std::vector<torch::Tensor>& exp_avg_sqs,
+                                const std::vector<torch::Tensor>& masks,
+                                const std::vector<torch::Tensor>& offsets,
+                                const std::vector<double>& steps, double lr, double beta1,
+                                double beta2, double eps, double weight_decay, bool maximize,
+                                int64_t stream) {
+  const size_t n = params.size();
+  TORCH_CHECK(n > 0 && grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                  masks.size() == n && offsets.size() == n && steps.size() == n,
+              "masked_adamw_cuda: argument lists differ in length (or are empty)");
+  std::vector<Meta> metas;
+  const int64_t chunks = build_metas(metas, params, grads, exp_avgs, exp_avg_sqs, masks, offsets);
+  for (size_t i = 0; i < n; ++i) {
+    metas[i].step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, steps[i])));
+    metas[i].bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, steps[i])));
+  }
+  Hyper hp{};
+  hp.decay = static_cast<float>(1.0 - lr * weight_decay);
+  hp.w1 = static_cast<float>(1.0 - beta1);
+  hp.beta2 = static_cast<float>(beta2);
+  hp.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  hp.eps = static_cast<float>(eps);
+  hp.maximize = maximize;
+  return launch(true, metas, chunks, hp, params[0].device(), stream);
+}
+
+torch::Tensor masked_sgd_cuda(const std::vector<torch::Tensor>& params,
+                              const std::vector<torch::Tensor>& grads,
+                              const std::vector<torch::Tensor>& bufs,
+                              const std::vector<torch::Tensor>& masks,
+                              const std::vector<torch::Tensor>& offsets, const std::vector<bool>& first,
+                              double lr, double momentum, double dampening, double weight_decay,
+                              bool nesterov, bool maximize, int64_t stream) {
+  const size_t n = params.size();
+  const bool has_momentum = momentum != 0.0;
+  TORCH_CHECK(n > 0 && grads.size() == n && masks.size() == n && offsets.size() == n &&
+                  first.size() == n && (bufs.size() == n || (!has_momentum && bufs.empty())),
+              "masked_sgd_cuda: argument lists differ in length (or are empty)");
+  std::vector<Meta> metas;
+  const std::vector<torch::Tensor> none;
+  const int64_t chunks = build_metas(metas, params, grads, has_momentum ? bufs : none, none, masks, offsets);
+  for (size_t i = 0; i < n; ++i) metas[i].first = first[i] ? 1 : 0;
+  Hyper hp{};
+  hp.lr = static_cast<float>(lr);
+  hp.momentum = static_cast<float>(momentum);
+  hp.one_minus_dampening = static_cast<float>(1.0 - dampening);
+  hp.wd = static_cast<float>(weight_decay);
+  hp.maximize = maximize;
+  hp.nesterov = nesterov;
+  hp.has_momentum = has_momentum;
+  return launch(false, metas, chunks, hp, params[0].device(), stream);
+}
+
+}  // namespace dowser

@@ -1,0 +1,130 @@
+"""dowser::masked_adamw_step / dowser::masked_sgd_step: optimizer steps on bit-packed masks.
+
+One call updates every parameter of a group (same device). Per tensor: a packed mask (None =
+every entry trains) and, for compact state, the mask's per-word popcount prefix sums. Each op
+returns the per-tensor count of NaN/Inf gradients in trainable entries; when any is non-zero
+the op wrote nothing (dowser.optim raises ValueError naming the parameter).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dowser import reference
+from dowser._registry import define, register
+
+_ADAMW_SCHEMA = ("(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+                 "Tensor(c!)[] exp_avg_sqs, Tensor?[] masks, Tensor?[] offsets, float[] steps, "
+                 "float lr, float beta1, float beta2, float eps, float weight_decay, "
+                 "bool maximize) -> Tensor")
+_SGD_SCHEMA = ("(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, Tensor?[] masks, "
+               "Tensor?[] offsets, bool[] first, float lr, float momentum, float dampening, "
+               "float weight_decay, bool nesterov, bool maximize) -> Tensor")
+
+
+def _fake_counts(params, *args, **kwargs) -> torch.Tensor:
+    device = params[0].device if len(params) else torch.device("cpu")
+    return torch.empty((len(params),), dtype=torch.int64, device=device)
+
+
+masked_adamw_step_op = define("masked_adamw_step", _ADAMW_SCHEMA, _fake_counts)
+masked_sgd_step_op = define("masked_sgd_step", _SGD_SCHEMA, _fake_counts)
+
+register("masked_adamw_step", "reference", ("cpu", "cuda"))(reference.masked_adamw_)
+register("masked_sgd_step", "reference", ("cpu", "cuda"))(reference.masked_sgd_)
+
+_EMPTY: dict[torch.device, torch.Tensor] = {}
+
+
+def _none_as_empty(ts, device) -> list[torch.Tensor]:
+    # The C++ entry points take plain tensor lists: an empty tensor stands for None.
+    empty = _EMPTY.setdefault(torch.device(device), torch.empty(0, dtype=torch.int32, device=device))
+    return [empty if t is None else t for t in ts]
+
+
+def _contiguous_params(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple]]:
+    """Kernels write contiguous memory: non-contiguous params get a contiguous working copy,
+    copied back afterwards (frozen entries keep their exact bits through the round trip)."""
+    work, back = [], []
+    for i, p in enumerate(params):
+        if p.is_contiguous():
+            work.append(p)
+        else:
+            c = p.contiguous()
+            work.append(c)
+            back.append((p, c))
+    return work, back
+
+
+def _copy_back(back: list[tuple], bad: torch.Tensor) -> None:
+    if back and not bool(bad.any()):
+        for p, c in back:
+            p.copy_(c)
+
+
+@register("masked_adamw_step", "cpp", ("cpu",), cpp_symbol="masked_adamw_cpu")
+def _adamw_cpp(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, steps, lr, beta1, beta2, eps,
+               weight_decay, maximize) -> torch.Tensor:
+    from dowser import _ext
+
+    work, back = _contiguous_params(list(params))
+    bad = _ext.load().masked_adamw_cpu(
+        work, [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
+        _none_as_empty(masks, "cpu"), _none_as_empty(offsets, "cpu"), [float(s) for s in steps],
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize))
+    _copy_back(back, bad)
+    return bad
+
+
+@register("masked_sgd_step", "cpp", ("cpu",), cpp_symbol="masked_sgd_cpu")
+def _sgd_cpp(params, grads, bufs, masks, offsets, first, lr, momentum, dampening, weight_decay,
+             nesterov, maximize) -> torch.Tensor:
+    from dowser import _ext
+
+    work, back = _contiguous_params(list(params))
+    bad = _ext.load().masked_sgd_cpu(
+        work, [g.contiguous() for g in grads], list(bufs), _none_as_empty(masks, "cpu"),
+        _none_as_empty(offsets, "cpu"), [bool(f) for f in first], float(lr), float(momentum),
+        float(dampening), float(weight_decay), bool(nesterov), bool(maximize))
+    _copy_back(back, bad)
+    return bad
+
+
+def _cuda_stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+@register("masked_adamw_step", "cuda", ("cuda",), cpp_symbol="masked_adamw_cuda")
+def _adamw_cuda(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, steps, lr, beta1, beta2, eps,
+                weight_decay, maximize) -> torch.Tensor:
+    from dowser import _ext
+
+    if not len(params):
+        return torch.zeros(0, dtype=torch.int64)
+    device = params[0].device
+    work, back = _contiguous_params(list(params))
+    bad = _ext.load().masked_adamw_cuda(
+        work, [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
+        _none_as_empty(masks, device), _none_as_empty(offsets, device), [float(s) for s in steps],
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize),
+        _cuda_stream(device))
+    _copy_back(back, bad)
+    return bad
+
+
+@register("masked_sgd_step", "cuda", ("cuda",), cpp_symbol="masked_sgd_cuda")
+def _sgd_cuda(params, grads, bufs, masks, offsets, first, lr, momentum, dampening, weight_decay,
+              nesterov, maximize) -> torch.Tensor:
+    from dowser import _ext
+
+    if not len(params):
+        return torch.zeros(0, dtype=torch.int64)
+    device = params[0].device
+    work, back = _contiguous_params(list(params))
+    bad = _ext.load().masked_sgd_cuda(
+        work, [g.contiguous() for g in grads], list(bufs), _none_as_empty(masks, device),
+        _none_as_empty(offsets, device), [bool(f) for f in first], float(lr), float(momentum),
+        float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
+        _cuda_stream(device))
+    _copy_back(back, bad)
+    return bad

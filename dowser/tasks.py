@@ -1,0 +1,156 @@
+"""Built-in upstream/downstream tasks for the demo and the forgetting study (no download).
+
+- Upstream: held-out English prose that nobody here wrote — Python's own documentation as
+  shipped in the standard library (`pydoc_data.topics`) — measured as next-token top-1 accuracy.
+- Downstream: a digit cipher. Each digit maps to a fixed letter ("cipher: 3 9 1 =" -> " v b q").
+  A pretrained model cannot guess the mapping zero-shot, yet learns it in a few hundred steps;
+  measured as teacher-forced token accuracy and exact match over the answer tokens (an example
+  is an exact match iff greedy decoding would reproduce the whole answer).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+CIPHER = dict(zip("0123456789", "kqzvehrmwb"))
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class CharTokenizer:
+    """Byte-level tokenizer for the tiny built-in model: id = byte + 3; 0 pad, 1 bos, 2 eos."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    vocab_size = 259
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        ids = [b + 3 for b in text.encode("utf-8")]
+        return {"input_ids": ([self.bos_token_id] + ids) if add_special_tokens else ids}
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
+
+
+def upstream_texts(split: str = "eval") -> list[str]:
+    """Paragraphs of prose from the stdlib's pydoc topics: 'eval' (odd topics) or 'probe' (even),
+    so real-data probing never sees the text that upstream accuracy is measured on."""
+    if split not in ("eval", "probe"):
+        raise ValueError(f"split must be 'eval' or 'probe', got {split!r}")
+    probe = _paragraphs(0)
+    if split == "probe":
+        return probe
+    seen = set(probe)  # some boilerplate paragraphs recur across topics
+    return [p for p in _paragraphs(1) if p not in seen]
+
+
+def _paragraphs(parity: int) -> list[str]:
+    from pydoc_data.topics import topics
+
+    out: list[str] = []
+    for i, key in enumerate(sorted(topics)):
+        if i % 2 != parity:
+            continue
+        for para in re.split(r"\n\s*\n", topics[key]):
+            lines = [ln.strip() for ln in para.splitlines()]
+            # Prose only: skip code blocks, grammar rules and headings.
+            if not lines or para.startswith("   ") or any(set(ln) <= set("*=-~^") for ln in lines):
+                continue
+            text = " ".join(lines)
+            if len(text) >= 200 and "::=" not in text and text not in out:
+                out.append(text)
+    return out
+
+
+def upstream_chunks(tokenizer: Any, seq_len: int = 128, n_chunks: int = 32, split: str = "eval",
+                    bos_id: int | None = None) -> torch.Tensor:
+    """n_chunks x seq_len token ids cut from the concatenated upstream paragraphs."""
+    ids: list[int] = []
+    for text in upstream_texts(split):
+        ids += _encode(tokenizer, text + "\n")
+        if len(ids) >= n_chunks * seq_len:
+            break
+    width = seq_len - (bos_id is not None)
+    if len(ids) < n_chunks * width:
+        raise ValueError(f"upstream text too short for {n_chunks} x {seq_len} tokens")
+    chunks = torch.tensor(ids[: n_chunks * width]).view(n_chunks, width)
+    if bos_id is not None:
+        chunks = torch.cat([torch.full((n_chunks, 1), bos_id), chunks], dim=1)
+    return chunks
+
+
+@torch.no_grad()
+def next_token_accuracy(model: torch.nn.Module, chunks: torch.Tensor, batch_size: int = 8) -> float:
+    """Top-1 next-token accuracy over every position of every chunk."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    hits = total = 0
+    for batch in chunks.split(batch_size):
+        batch = batch.to(device)
+        logits = model(input_ids=batch).logits[:, :-1]
+        hits += int((logits.argmax(-1) == batch[:, 1:]).sum())
+        total += batch[:, 1:].numel()
+    model.train(was_training)
+    return hits / total
+
+
+@dataclass
+class Example:
+    prompt: list[int]
+    answer: list[int]
+
+
+def cipher_examples(tokenizer: Any, n: int, seed: int, min_digits: int = 3, max_digits: int = 6,
+                    bos_id: int | None = None) -> list[Example]:
+    """`n` digit-cipher examples, reproducible from `seed`."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        digits = [rng.choice("0123456789") for _ in range(rng.randint(min_digits, max_digits))]
+        prompt = ([bos_id] if bos_id is not None else []) + _encode(tokenizer, "cipher: " + " ".join(digits) + " =")
+        answer = _encode(tokenizer, " " + " ".join(CIPHER[d] for d in digits) + "\n")
+        out.append(Example(prompt, answer))
+    return out
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels (loss on answer tokens only)."""
+    width = max(len(e.prompt) + len(e.answer) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        seq = e.prompt + e.answer
+        ids[i, : len(seq)] = torch.tensor(seq)
+        attn[i, : len(seq)] = 1
+        labels[i, len(e.prompt): len(seq)] = torch.tensor(e.answer)
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+@torch.no_grad()
+def task_accuracy(model: torch.nn.Module, examples: Sequence[Example], pad_id: int,
+                  batch_size: int = 16) -> dict[str, float]:
+    """Teacher-forced token accuracy and exact match on the answer tokens."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    tok_hits = tok_total = exact = 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        pred = logits[:, :-1].argmax(-1)
+        target = batch["labels"][:, 1:]
+        valid = target != -100
+        correct = (pred == target) & valid
+        tok_hits += int(correct.sum())
+        tok_total += int(valid.sum())
+        exact += int((correct | ~valid).all(dim=1).sum())
+    model.train(was_training)
+    return {"token_acc": tok_hits / tok_total, "exact_match": exact / len(examples)}

@@ -161,12 +161,10 @@ def main() -> None:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
+    from common import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     ok = [r for r in rows if "step_ms" in r]
     sets = list(dict.fromkeys(r["set"] for r in ok))

@@ -74,7 +74,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, HERE)
-    from common import RESULTS, write_results
+    from common import write_results
 
     cases = [("4096x4096", [(4096, 4096)]), ("4096x11008", [(4096, 11008)]),
              ("11008x4096", [(11008, 4096)]),
@@ -122,12 +122,10 @@ def main() -> None:
 
 
 def _plot(rows: list[dict], path) -> None:
-    try:
-        import matplotlib
+    from common import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     ok = [r for r in rows if "median_s" in r]
     cases = list(dict.fromkeys(r["case"] for r in ok))

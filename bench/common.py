@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import os
 import platform
 import sys
 from pathlib import Path
@@ -63,6 +62,18 @@ def write_results(name: str, rows: list[dict], device: str = "cpu", notes: str =
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return stem.with_suffix(".md")
+
+
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def _fmt(v) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, pyplot, write_results  # noqa: E402
 
 import dowser  # noqa: E402
 from dowser.demo import last_layer_params, load_smollm2  # noqa: E402
@@ -190,11 +190,9 @@ def summarise(runs: Path, args) -> None:
 
 
 def _plot(rows: list[dict], args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     ax = axes[0]
     for method, color in (("random", "tab:gray"), ("dowser", "tab:blue")):

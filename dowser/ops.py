@@ -9,9 +9,11 @@ from typing import Sequence
 import torch
 
 from dowser import _ops  # noqa: F401  (declares the ops)
-from dowser._checks import check_packed
+from dowser import reference
+from dowser._checks import check_finite, check_float, check_packed, check_rho
 
-__all__ = ["pack_mask", "unpack_mask", "popcount"]
+__all__ = ["pack_mask", "unpack_mask", "popcount", "scores", "build_mask", "score_threshold",
+           "build_masks_global"]
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -50,12 +52,7 @@ def popcount(packed: torch.Tensor) -> int:
 _POPCOUNT8 = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int32)
 
 
-# --- scores and exact bottom-rho masks (issue 4) ----------------------------------------------
-
-from dowser import reference  # noqa: E402
-from dowser._checks import check_finite, check_float, check_rho  # noqa: E402
-
-__all__ += ["scores", "build_mask", "score_threshold", "build_masks_global"]
+# --- scores and exact bottom-rho masks ------------------------------------------------------
 
 _Layer = tuple  # (weight, out_factors, in_factors) or (weight, out_factors, in_factors, batch_weights)
 

@@ -170,11 +170,11 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         if tuple(value.shape) == want:
             return value.clone()
         if mask is not None and value.numel() == p.numel() and want == (self.trainable_count(p),):
-            idx = reference.unpack_mask(mask, p.numel())
+            idx = torch.ops.dowser.unpack_mask(mask, p.numel())
             return value.reshape(-1)[idx].clone()  # dense -> compact
         if mask is not None and value.dim() == 1 and value.numel() == self.trainable_count(p):
             dense = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)  # compact -> dense
-            dense[reference.unpack_mask(mask, p.numel())] = value
+            dense[torch.ops.dowser.unpack_mask(mask, p.numel())] = value
             return dense.view(p.shape)
         raise ValueError(f"state_dict: {key} of {self._name(p)} has shape {tuple(value.shape)}, "
                          f"expected {want}: it was saved with another mask")
@@ -413,7 +413,7 @@ def _refuse(optimizer: torch.optim.Optimizer, masked: dict, names: dict) -> None
                 continue
             for key, val in optimizer.state.get(p, {}).items():
                 if isinstance(val, torch.Tensor) and val.shape == p.shape and key != "step":
-                    frozen = ~reference.unpack_mask(masked[p], p.numel()).view(p.shape)
+                    frozen = ~torch.ops.dowser.unpack_mask(masked[p], p.numel()).view(p.shape)
                     if bool((val[frozen] != 0).any()):
                         raise ValueError(
                             f"mask_gradients: {type(optimizer).__name__} already holds non-zero "
@@ -442,7 +442,7 @@ def mask_gradients(model: torch.nn.Module, masks: Mapping,
         def hook(param: torch.Tensor, mask: torch.Tensor = mask) -> None:
             if param.grad is None:
                 return
-            frozen = ~reference.unpack_mask(mask, param.numel()).view(param.shape)
+            frozen = ~torch.ops.dowser.unpack_mask(mask, param.numel()).view(param.shape)
             # masked_fill, not a multiply: a NaN gradient at a frozen entry becomes 0 as well
             param.grad.masked_fill_(frozen, 0)
 

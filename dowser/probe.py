@@ -878,9 +878,9 @@ def prepare(model: nn.Module, tokenizer: Any = None, rho: float = 0.1, layers: i
     masks = build_masks(model, stats, rho=rho, scope=scope)
     units = set()
     try:
-        prefix, layer_list = decoder_layers(model)
+        prefix = decoder_layers(model)[0]
     except ValueError:
-        prefix, layer_list = None, []
+        prefix = None
     for name in stats:
         unit = name
         if prefix is not None and name.startswith(prefix + "."):

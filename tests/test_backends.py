@@ -6,7 +6,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 import dowser
 from dowser import _registry
@@ -14,9 +13,21 @@ from dowser import _registry
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(code: str, **env) -> subprocess.CompletedProcess:
+# Prepended to a subprocess script: makes `import dowser._C` fail as if it had not been built.
+BLOCK_BUILT_EXTENSION = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "dowser._C":
+            raise ImportError("blocked by the test")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def _run(code: str, prelude: str = "", **env) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env}
-    return subprocess.run([sys.executable, "-W", "always", "-c", textwrap.dedent(code)],
+    script = prelude + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-W", "always", "-c", script],
                           capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=600)
 
 
@@ -62,13 +73,7 @@ def test_disabled_extension_falls_back_with_one_warning():
 
 
 def test_missing_extension_without_jit_falls_back_with_cause():
-    proc = _run("""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "dowser._C":
-                    raise ImportError("blocked by the test")
-        sys.meta_path.insert(0, Block())
+    proc = _run(prelude=BLOCK_BUILT_EXTENSION, code="""
         import dowser
         print("BACKEND", dowser.backend_info()["pack_mask"]["cpu"]["backend"])
     """, DOWSER_DISABLE_JIT="1")
@@ -86,13 +91,7 @@ def test_missing_extension_is_jit_built():
         verify_ninja_availability()
     except RuntimeError:
         pytest.skip("ninja is not installed")
-    proc = _run("""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "dowser._C":
-                    raise ImportError("blocked by the test")
-        sys.meta_path.insert(0, Block())
+    proc = _run(prelude=BLOCK_BUILT_EXTENSION, code="""
         import torch, dowser
         info = dowser.backend_info()
         print("HOW", info["_C"]["how"], "BACKEND", info["pack_mask"]["cpu"]["backend"])

@@ -164,7 +164,15 @@ def _param_names(model: nn.Module) -> dict[int, str]:
 
 def _sample_scores(weight: torch.Tensor, psi: torch.Tensor, a: torch.Tensor, bw: torch.Tensor,
                    conv1d: bool, gen: torch.Generator) -> torch.Tensor:
-    """Scores of _N_SAMPLES random entries of the stored weight, without the dense matrix."""
+    """Scores of _N_SAMPLES random entries of the stored weight, without the dense matrix
+    (of this rank's rows when the weight is sharded)."""
+    from dowser.distributed import local_rows
+
+    weight, row0 = local_rows(weight)
+    if conv1d:
+        a = a[:, row0:row0 + weight.shape[0]]
+    else:
+        psi = psi[:, row0:row0 + weight.shape[0]]
     rows, cols = weight.shape
     n = min(_N_SAMPLES, rows * cols)
     idx = torch.randperm(rows * cols, generator=gen)[:n] if rows * cols <= 1 << 24 else \
@@ -184,8 +192,15 @@ def build_masks(model: nn.Module, stats: ProbeStats, rho: float = 0.1,
     scope="matrix": exactly k = floor(rho * n + 0.5) entries of every matrix;
     scope="global": all probed matrices ranked together (dowser.ops.build_masks_global).
     Keys are parameter names (as in model.named_parameters()); masks lie on each weight's device.
+
+    Under torch.distributed (a process group with more than one rank; every rank calls this
+    with the same stats) the work is shared and every rank gets the same full masks, equal bit
+    for bit to a single process's: replicated weights at per-matrix scope are spread over the
+    ranks and the packed masks broadcast; weights sharded on dim 0 (FSDP2) and the global scope
+    select over each rank's rows with one histogram all-reduce per radix pass.
     """
     from dowser import __version__
+    from dowser import distributed as dd
     from dowser import ops
 
     rho = check_rho(rho)
@@ -221,7 +236,9 @@ def build_masks(model: nn.Module, stats: ProbeStats, rho: float = 0.1,
         names.append(pname)
         shapes[pname] = tuple(weight.shape)
         samples[pname] = _sample_scores(weight, psi, a, bw, conv1d, gen)
-    if scope == "global":
+    if dd.is_active():
+        packed = dd.build_masks(layers, [shapes[n] for n in names], rho, scope)
+    elif scope == "global":
         packed = ops.build_masks_global(layers, rho)
     else:
         packed = [ops.build_mask(w, o, i, rho, batch_weights=bw) for (w, o, i, bw) in layers]

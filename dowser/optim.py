@@ -18,6 +18,7 @@ import torch
 from dowser import _ops  # noqa: F401  (declares the ops)
 from dowser import reference
 from dowser._checks import check_packed
+from dowser.distributed import local_rows, local_tensor, shard_mask
 
 __all__ = ["MaskedAdamW", "MaskedSGD", "mask_gradients", "GradientMaskHandle"]
 
@@ -60,7 +61,10 @@ def _resolve_masks(masks: Mapping, model: torch.nn.Module | None,
         if p in out:
             raise ValueError(f"masks[{label!r}]: that parameter has two masks")
         names.setdefault(p, label)
-        out[p] = mask.detach().to(p.device).contiguous()
+        local, row0 = local_rows(p)
+        if local.shape != p.shape:  # an FSDP2 shard: its own rows of the mask, re-packed once
+            mask = shard_mask(mask.to(local.device), p.shape, row0, local.shape[0])
+        out[p] = mask.detach().to(local.device).contiguous()
     return out, names
 
 
@@ -89,7 +93,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         """Number of trainable entries of `p` (all of them when it has no mask)."""
         if p not in self._counts:
             mask = self._masks.get(p)
-            k = p.numel() if mask is None else reference.count_trainable(mask, self._word_offsets(p))
+            k = local_tensor(p).numel() if mask is None else reference.count_trainable(mask, self._word_offsets(p))
             if mask is not None and self.compact_state and k > _MAX_COMPACT:
                 raise ValueError(f"{self._name(p)}: {k} trainable entries exceed the compact "
                                  "state's int32 index; use compact_state=False")
@@ -107,7 +111,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
     def _state_shape(self, p: torch.Tensor) -> tuple[int, ...]:
         if p in self._masks and self.compact_state:
             return (self.trainable_count(p),)
-        return tuple(p.shape)
+        return tuple(local_tensor(p).shape)  # a DTensor's state covers its local shard
 
     def _new_state(self, p: torch.Tensor) -> torch.Tensor:
         # fp32 state for every parameter dtype (fp32 math for bf16/fp16 parameters)
@@ -164,18 +168,19 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             return value.detach().clone().to(torch.float32)
         if key not in self._state_keys:
             return value.detach().clone().to(p.device)
-        value = value.detach().to(device=p.device, dtype=torch.float32)
+        loc = local_tensor(p)  # a DTensor's state covers its local shard
+        value = value.detach().to(device=loc.device, dtype=torch.float32)
         mask = self._masks.get(p)
         want = self._state_shape(p)
         if tuple(value.shape) == want:
             return value.clone()
-        if mask is not None and value.numel() == p.numel() and want == (self.trainable_count(p),):
-            idx = torch.ops.dowser.unpack_mask(mask, p.numel())
+        if mask is not None and value.numel() == loc.numel() and want == (self.trainable_count(p),):
+            idx = torch.ops.dowser.unpack_mask(mask, loc.numel())
             return value.reshape(-1)[idx].clone()  # dense -> compact
         if mask is not None and value.dim() == 1 and value.numel() == self.trainable_count(p):
-            dense = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)  # compact -> dense
-            dense[torch.ops.dowser.unpack_mask(mask, p.numel())] = value
-            return dense.view(p.shape)
+            dense = torch.zeros(loc.numel(), dtype=torch.float32, device=loc.device)  # compact -> dense
+            dense[torch.ops.dowser.unpack_mask(mask, loc.numel())] = value
+            return dense.view(loc.shape)
         raise ValueError(f"state_dict: {key} of {self._name(p)} has shape {tuple(value.shape)}, "
                          f"expected {want}: it was saved with another mask")
 
@@ -239,6 +244,10 @@ class MaskedAdamW(_MaskedOptimizer):
         self.step_in_backward = bool(step_in_backward)
         self._hooks: list = []
         if self.step_in_backward:
+            if any(local_tensor(p) is not p for g in self.param_groups for p in g["params"]):
+                raise ValueError("step_in_backward=True does not support FSDP2 (DTensor) "
+                                 "parameters: their gradients are reduce-scattered after the "
+                                 "hook runs; use step_in_backward=False")
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.requires_grad:
@@ -289,14 +298,14 @@ class MaskedAdamW(_MaskedOptimizer):
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = self._new_state(p)
                     state["exp_avg_sq"] = self._new_state(p)
-                grads.append(p.grad)
+                grads.append(local_tensor(p.grad))
                 m.append(state["exp_avg"])
                 v.append(state["exp_avg_sq"])
                 masks.append(self._masks.get(p))
                 offs.append(self._word_offsets(p))
                 steps.append(float(state["step"]) + 1.0)
             bad = torch.ops.dowser.masked_adamw_step(
-                plist, grads, m, v, masks, offs, steps, float(group["lr"]), float(beta1),
+                [local_tensor(p) for p in plist], grads, m, v, masks, offs, steps, float(group["lr"]), float(beta1),
                 float(beta2), float(group["eps"]), float(group["weight_decay"]),
                 bool(group["maximize"]), self.nonfinite == "skip")
             if self.nonfinite == "skip":  # the step happened: count it; report after all groups
@@ -351,7 +360,7 @@ class MaskedSGD(_MaskedOptimizer):
                 grads, bufs, masks, offs, first = [], [], [], [], []
                 for p in plist:
                     state = self.state[p]
-                    grads.append(p.grad)
+                    grads.append(local_tensor(p.grad))
                     masks.append(self._masks.get(p))
                     offs.append(self._word_offsets(p))
                     fresh = "momentum_buffer" not in state
@@ -359,7 +368,7 @@ class MaskedSGD(_MaskedOptimizer):
                     if has_momentum:
                         bufs.append(self._new_state(p) if fresh else state["momentum_buffer"])
                 bad = torch.ops.dowser.masked_sgd_step(
-                    plist, grads, bufs, masks, offs, first, float(group["lr"]),
+                    [local_tensor(p) for p in plist], grads, bufs, masks, offs, first, float(group["lr"]),
                     float(group["momentum"]), float(group["dampening"]),
                     float(group["weight_decay"]), bool(group["nesterov"]), bool(group["maximize"]))
                 self._raise_bad(bad, plist)
@@ -375,8 +384,15 @@ class GradientMaskHandle:
     """The hooks installed by `mask_gradients`; `remove()` (or leaving a `with` block) removes
     them."""
 
-    def __init__(self, handles: list) -> None:
+    def __init__(self, handles: list, masks: dict | None = None, names: dict | None = None) -> None:
         self._handles = handles
+        self._masks = masks or {}
+        self._names = names or {}
+
+    def check(self, optimizer: Any) -> None:
+        """Refuse (ValueError) an optimizer that would move frozen entries despite their zero
+        gradient: for optimizers created after the hooks, e.g. by `deepspeed.initialize`."""
+        _refuse(optimizer, self._masks, self._names)
 
     def remove(self) -> None:
         for h in self._handles:
@@ -398,9 +414,11 @@ def _refuse(optimizer: torch.optim.Optimizer, masked: dict, names: dict) -> None
     if isinstance(optimizer, _MaskedOptimizer):
         return
     ids = {id(p) for p in masked}
-    for gi, group in enumerate(optimizer.param_groups):
-        if not any(id(p) in ids for p in group["params"]):
-            continue
+    groups = list(enumerate(optimizer.param_groups))
+    ours = [(gi, g) for gi, g in groups if any(id(p) in ids for p in g["params"])]
+    # An optimizer over flattened copies (DeepSpeed ZeRO) holds none of the parameters
+    # themselves: every group may then hold masked entries.
+    for gi, group in ours or groups:
         wd = group.get("weight_decay", 0) or 0
         if wd != 0:
             raise ValueError(
@@ -429,7 +447,12 @@ def mask_gradients(model: torch.nn.Module, masks: Mapping,
     A zero gradient keeps a frozen entry still in SGD/Adam/AdamW/RMSprop/Adagrad started from
     fresh state, but not under weight decay (AdamW's decoupled decay, or L2 decay) or momentum
     state that is already non-zero there: given `optimizer`, such configurations are refused
-    with ValueError (use `MaskedAdamW`). Returns a handle whose `remove()` drops the hooks.
+    with ValueError (use `MaskedAdamW`). Returns a handle whose `remove()` drops the hooks
+    and whose `check(optimizer)` does that refusal for an optimizer made afterwards.
+
+    DeepSpeed ZeRO-2/3: call this before `deepspeed.initialize` (ZeRO-3 partitions the
+    parameters there), with weight_decay 0 in the DeepSpeed optimizer config, then
+    `handle.check(engine.optimizer)`.
     """
     resolved, names = _resolve_masks(masks, model, None)
     if optimizer is not None:
@@ -442,9 +465,10 @@ def mask_gradients(model: torch.nn.Module, masks: Mapping,
         def hook(param: torch.Tensor, mask: torch.Tensor = mask) -> None:
             if param.grad is None:
                 return
-            frozen = ~torch.ops.dowser.unpack_mask(mask, param.numel()).view(param.shape)
+            grad = param.grad  # its shape, not the param's: ZeRO-3 partitions param.data
+            frozen = ~torch.ops.dowser.unpack_mask(mask, grad.numel()).view(grad.shape)
             # masked_fill, not a multiply: a NaN gradient at a frozen entry becomes 0 as well
-            param.grad.masked_fill_(frozen, 0)
+            grad.masked_fill_(frozen, 0)
 
         handles.append(p.register_post_accumulate_grad_hook(hook))
-    return GradientMaskHandle(handles)
+    return GradientMaskHandle(handles, resolved, names)

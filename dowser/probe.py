@@ -607,6 +607,42 @@ def _probing_state(model: nn.Module):
         model.train(was_training)
 
 
+@contextmanager
+def _recompute_layers(model: nn.Module, modules: dict[str, nn.Module]):
+    """Checkpoint every decoder layer that holds a target (non-reentrant torch.utils.checkpoint)
+    while active: the retained graph then keeps only those layers' inputs, and each of the R
+    backward passes recomputes one layer's activations at a time. Peak memory drops from
+    L layers of activations to one; time grows by about one forward of the probed layers per
+    draw."""
+    try:
+        prefix, layer_list = decoder_layers(model)
+    except ValueError:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    patched = []
+    for i, layer in enumerate(layer_list):
+        if not any(n.startswith(f"{prefix}.{i}.") for n in modules):
+            continue
+        own = "forward" in layer.__dict__
+        orig = layer.forward
+
+        def forward(*args, _orig=orig, **kwargs):
+            return checkpoint(_orig, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+        patched.append((layer, own, orig))
+    try:
+        yield
+    finally:
+        for layer, own, orig in patched:
+            if own:
+                layer.forward = orig
+            else:
+                del layer.forward
+
+
 def _accepts(model: nn.Module, kwarg: str) -> bool:
     import inspect
 
@@ -635,15 +671,17 @@ def _probe_pass(model: nn.Module, modules: dict[str, nn.Module], batch: _Batch,
     leaves: list[torch.Tensor] = []   # where the graph starts (see pre_hook)
     outputs: list[torch.Tensor] = []  # targets' outputs, kept only when there is no leaf
     n_reached = [0]
+    recording = [True]  # False while backward recomputes checkpointed layers
 
     def pre_hook(mod, args):
         # Start the graph here: a target whose input does not need grad gets it as a fresh leaf,
         # so everything downstream (all that J_i depends on) is recorded, nothing upstream, and
-        # no parameter needs grad.
+        # no parameter needs grad. (A recomputation makes the same graph, so it gets a leaf too.)
         if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() \
                 and not args[0].requires_grad:
             leaf = args[0].detach().requires_grad_(True)
-            leaves.append(leaf)
+            if recording[0]:
+                leaves.append(leaf)
             return (leaf,) + tuple(args[1:])
         return None
 
@@ -654,6 +692,8 @@ def _probe_pass(model: nn.Module, modules: dict[str, nn.Module], batch: _Batch,
             psi[name] += _token_mean(g, tmask, acc_dtype, square=square)
 
         def hook(mod, args, out):
+            if not recording[0]:
+                return
             h = args[0] if args else None
             if isinstance(h, torch.Tensor):
                 a = _token_mean(h.detach(), tmask, acc_dtype)
@@ -675,28 +715,30 @@ def _probe_pass(model: nn.Module, modules: dict[str, nn.Module], batch: _Batch,
             kwargs["logits_to_keep"] = 1
         if _accepts(model, "use_cache"):
             kwargs.setdefault("use_cache", False)  # no KV cache to build while probing
-        with torch.enable_grad():
+        with torch.enable_grad(), _recompute_layers(model, modules):
             out = model(**kwargs)
+        recording[0] = False
+        f = _logits_of(out)[:, -1, :]
+        del out
+        if leaves:
+            outputs.clear()  # the hooks live on the graph; the outputs themselves may be freed
+        grad_inputs = leaves or outputs
+        n_rows, vocab = f.shape
+        xi = xi_fn(batch.index, n_rademacher, n_rows, vocab) if xi_fn is not None else None
+        if n_reached[0] and not f.requires_grad:
+            raise RuntimeError("the logits do not depend on the probed layers' outputs")
+        for r in range(n_rademacher):
+            if not n_reached[0]:
+                break
+            with torch.enable_grad():
+                x = xi[r] if xi is not None else _rademacher_one(seed, batch.index, r, n_rows,
+                                                                 vocab)
+                loss = (x.to(device=f.device, dtype=f.dtype) * f).sum() / n_rows
+                torch.autograd.grad(loss, grad_inputs, retain_graph=r < n_rademacher - 1,
+                                    allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-    f = _logits_of(out)[:, -1, :]
-    del out
-    if leaves:
-        outputs.clear()  # the hooks live on the graph; the outputs themselves may be freed
-    grad_inputs = leaves or outputs
-    n_rows, vocab = f.shape
-    xi = xi_fn(batch.index, n_rademacher, n_rows, vocab) if xi_fn is not None else None
-    if n_reached[0] and not f.requires_grad:
-        raise RuntimeError("the logits do not depend on the probed layers' outputs")
-    for r in range(n_rademacher):
-        if not n_reached[0]:
-            break
-        with torch.enable_grad():
-            x = xi[r] if xi is not None else _rademacher_one(seed, batch.index, r, n_rows, vocab)
-            loss = (x.to(device=f.device, dtype=f.dtype) * f).sum() / n_rows
-            torch.autograd.grad(loss, grad_inputs, retain_graph=r < n_rademacher - 1,
-                                allow_unused=True)
     del f, leaves, outputs, grad_inputs
     result = {}
     for n, mod in modules.items():
@@ -715,7 +757,8 @@ def probe(model: nn.Module, tokenizer: Any = None, *, layers: int | None = None,
           n_rademacher: int = 8, seq_len: int = 64, estimator: str = "l1", seed: int = 0,
           prompts: Sequence[str] | torch.Tensor | None = None, dataloader: Iterable | None = None,
           include_projector: bool = False, include_lm_head: bool = False,
-          include_vision: bool = False, progress: bool = True) -> ProbeStats:
+          include_vision: bool = False, progress: bool = True,
+          distributed: bool | None = None) -> ProbeStats:
     """Probe `model` and return the low-rank score factors of every targeted linear layer.
 
     Args:
@@ -735,7 +778,14 @@ def probe(model: nn.Module, tokenizer: Any = None, *, layers: int | None = None,
         dataloader: an iterable of dicts of model inputs: real-data mode.
         include_projector / include_lm_head / include_vision: also probe those (projector and
             vision tower with Gaussian-noise image probes; Llava-style models only).
-        progress: show a tqdm bar over batches.
+        progress: show a tqdm bar over batches (on rank 0 only when distributed).
+        distributed: split the batches over the ranks of the initialised process group and
+            all-gather the factors (default: whenever one with more than one rank exists).
+            Batch b goes to rank b % world; with prompts or synthetic probing every rank then
+            holds exactly the ProbeStats of one process. With a dataloader each rank probes
+            what its own loader yields (shard it, e.g. with a DistributedSampler) and the
+            batches are gathered in rank order. Probe the plain model, before wrapping it in
+            DDP or fully_shard: ranks run different numbers of forward passes.
 
     Returns:
         ProbeStats: module name -> ProbeEntry(out_factors (B, d_out), in_factors (B, d_in),
@@ -754,12 +804,13 @@ def probe(model: nn.Module, tokenizer: Any = None, *, layers: int | None = None,
                   batch_size=batch_size, n_rademacher=n_rademacher, seq_len=seq_len,
                   estimator=estimator, seed=seed, prompts=prompts, dataloader=dataloader,
                   include_projector=include_projector, include_lm_head=include_lm_head,
-                  include_vision=include_vision, progress=progress)
+                  include_vision=include_vision, progress=progress, distributed=distributed)
 
 
 def _probe(model, tokenizer, *, layers, targets, n_samples, batch_size, n_rademacher, seq_len,
            estimator, seed, prompts, dataloader, include_projector, include_lm_head,
-           include_vision, progress, xi_fn=None, batch_indices=None) -> ProbeStats:
+           include_vision, progress, xi_fn=None, batch_indices=None,
+           distributed=None) -> ProbeStats:
     """`probe` with test hooks: `xi_fn(b, R, n_rows, vocab)` replaces the Rademacher draws and
     `batch_indices` restricts synthetic probing to those batches (order as given)."""
     roles = find_targets(model, layers=layers, targets=targets,
@@ -781,6 +832,11 @@ def _probe(model, tokenizer, *, layers, targets, n_samples, batch_size, n_radema
 
     from tqdm.auto import tqdm
 
+    from dowser import distributed as dd
+
+    if distributed is None:
+        distributed = dd.is_active()
+    rank, world = dd.rank_and_world() if distributed and batch_indices is None else (0, 1)
     with _probing_state(model):
         # Draw the synthetic prompts in eval mode with nothing requiring grad.
         mode, batches, total = _batches(model, tokenizer, n_samples=n_samples,
@@ -792,11 +848,19 @@ def _probe(model, tokenizer, *, layers, targets, n_samples, batch_size, n_radema
             batches = _select_batches(model, tokenizer, batch_indices, n_samples, batch_size,
                                       seq_len, seed)
             total = len(batch_indices)
+        elif world > 1 and mode == "synthetic":  # generate only this rank's prompts
+            mine = list(range(rank, total, world))
+            batches = _select_batches(model, tokenizer, mine, n_samples, batch_size, seq_len, seed)
+            total = len(mine)
+        elif world > 1 and mode == "prompts":
+            batches = (b for b in batches if b.index % world == rank)
+            total = len(range(rank, total, world))
         psi_rows: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
         a_rows: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
         weights: list[float] = []
-        for batch in tqdm(batches, total=total, disable=not progress, desc="dowser probe",
-                          unit="batch"):
+        indices: list[int] = []
+        for batch in tqdm(batches, total=total, disable=not progress or rank != 0,
+                          desc="dowser probe", unit="batch"):
             results = {}
             if text_mods:
                 results.update(_probe_pass(model, text_mods, batch, batch.inputs, n_rademacher,
@@ -809,6 +873,11 @@ def _probe(model, tokenizer, *, layers, targets, n_samples, batch_size, n_radema
                 psi_rows[n].append(results[n][0].float())
                 a_rows[n].append(results[n][1].float())
             weights.append(float(batch.n_rows))
+            indices.append(batch.index)
+    if world > 1:
+        psi_rows, a_rows, weights = _gather_factors(psi_rows, a_rows, weights, indices,
+                                                    order_by_index=mode != "dataloader",
+                                                    device=_model_device(model))
     if not weights:
         raise ValueError("no probe batches: prompts/dataloader gave nothing")
     dev = _model_device(model)
@@ -829,6 +898,39 @@ def _probe(model, tokenizer, *, layers, targets, n_samples, batch_size, n_radema
         "mode": mode, "roles": roles, **model_identity(model),
     }
     return ProbeStats(entries, meta)
+
+
+def _gather_factors(psi_rows: dict[str, list[torch.Tensor]], a_rows: dict[str, list[torch.Tensor]],
+                    weights: list[float], indices: list[int], order_by_index: bool,
+                    device: torch.device):
+    """Every rank's per-batch factor rows, in batch-index order (or rank order): one
+    all-gather of a (local batches x (2 + all factor widths)) fp32 table."""
+    from dowser import distributed as dd
+
+    names = list(psi_rows)
+    widths = []
+    for n in names:
+        widths += [psi_rows[n][0].shape[-1] if psi_rows[n] else 0,
+                   a_rows[n][0].shape[-1] if a_rows[n] else 0]
+    # ranks without a batch learn the widths from the others
+    widths = torch.cat(dd.all_gather_rows(torch.tensor([widths]))).amax(0).tolist()
+    local = torch.zeros(len(weights), 2 + sum(widths), dtype=torch.float64)
+    for r in range(len(weights)):
+        cols = [torch.tensor([float(indices[r]), weights[r]], dtype=torch.float64)]
+        for n in names:
+            cols += [psi_rows[n][r].double().cpu().reshape(-1), a_rows[n][r].double().cpu().reshape(-1)]
+        local[r] = torch.cat(cols)
+    table = torch.cat(dd.all_gather_rows(local))
+    if order_by_index:
+        table = table[torch.argsort(table[:, 0], stable=True)]
+    devices = {n: (psi_rows[n][0].device if psi_rows[n] else device) for n in names}
+    out_psi: dict[str, list[torch.Tensor]] = {}
+    out_a: dict[str, list[torch.Tensor]] = {}
+    cols = table[:, 2:].split(widths, dim=1)
+    for j, n in enumerate(names):
+        out_psi[n] = list(cols[2 * j].float().to(devices[n]).unbind(0))
+        out_a[n] = list(cols[2 * j + 1].float().to(devices[n]).unbind(0))
+    return out_psi, out_a, table[:, 1].tolist()
 
 
 def _projector_inputs(model: nn.Module, image_names: list[str]) -> set[str]:

@@ -243,6 +243,18 @@ def _masked_nonfinite(grads, params, masks) -> torch.Tensor:
     return bad
 
 
+def _gather(p: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None, maximize: bool):
+    """(trainable flat index or None, their fp32 gradients (negated to maximize), their fp32
+    parameter values)."""
+    idx = _trainable_index(p, mask)
+    gf = g.reshape(-1)
+    gf = (gf if idx is None else gf[idx]).float()
+    if maximize:
+        gf = -gf
+    pf = p.reshape(-1)
+    return idx, gf, (pf if idx is None else pf[idx]).float()
+
+
 def _state_view(state: torch.Tensor, idx: torch.Tensor | None, compact: bool) -> torch.Tensor:
     flat = state.view(-1)
     return flat if (compact or idx is None) else flat[idx]
@@ -278,14 +290,8 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor],
         return bad
     for p, g, m, v, mask, off, step in zip(params, grads, exp_avgs, exp_avg_sqs, masks, offsets,
                                           steps):
-        idx = _trainable_index(p, mask)
+        idx, gf, pf = _gather(p, g, mask, maximize)
         compact = off is not None
-        gf = g.reshape(-1)
-        gf = (gf if idx is None else gf[idx]).float()
-        if maximize:
-            gf = -gf
-        pf = p.reshape(-1)
-        pf = (pf if idx is None else pf[idx]).float()
         mf = _state_view(m, idx, compact).clone()
         vf = _state_view(v, idx, compact).clone()
         bc1 = 1.0 - beta1 ** step
@@ -339,14 +345,8 @@ def masked_sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: lis
     if bool(bad.any()):
         return bad
     for i, (p, g, mask, off) in enumerate(zip(params, grads, masks, offsets)):
-        idx = _trainable_index(p, mask)
+        idx, gf, pf = _gather(p, g, mask, maximize)
         compact = off is not None
-        gf = g.reshape(-1)
-        gf = (gf if idx is None else gf[idx]).float()
-        if maximize:
-            gf = -gf
-        pf = p.reshape(-1)
-        pf = (pf if idx is None else pf[idx]).float()
         d = gf + weight_decay * pf if weight_decay != 0 else gf
         if momentum != 0:
             buf = bufs[i]

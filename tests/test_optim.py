@@ -548,15 +548,21 @@ _SCALAR_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_scalar_fallback_equals_reference():
-    """The non-AVX-512 C++ path (forced with DOWSER_NO_AVX512=1) is bit-identical as well."""
-    backend_fn("masked_adamw_step", "cpp", "cpu")
+def run_without_avx512(script: str) -> None:
+    """Run `script` in a fresh interpreter with the C++ step's non-AVX-512 path forced
+    (DOWSER_NO_AVX512=1, read when dowser._C loads); it must print "ok" last."""
     import os
 
+    backend_fn("masked_adamw_step", "cpp", "cpu")
     env = dict(os.environ, DOWSER_NO_AVX512="1")
-    out = subprocess.run([sys.executable, "-c", _SCALAR_SCRIPT], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_scalar_fallback_equals_reference():
+    """The non-AVX-512 C++ path (forced with DOWSER_NO_AVX512=1) is bit-identical as well."""
+    run_without_avx512(_SCALAR_SCRIPT)
 
 
 def test_error_names_the_parameter_and_add_param_group_trains_densely():

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -13,6 +9,7 @@ import dowser
 from dowser import reference
 from dowser.ops import pack_mask
 from tests.conftest import backend_fn
+from tests.test_optim import run_without_avx512
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Awkward sizes: empty, single, around one word, around a 16-word sub-block (512) and a
@@ -198,8 +195,4 @@ print("ok")
 
 def test_skip_scalar_fallback_equals_reference():
     """The non-AVX-512 C++ path (DOWSER_NO_AVX512=1) in skip mode is bit-identical as well."""
-    backend_fn("masked_adamw_step", "cpp", "cpu")
-    env = dict(os.environ, DOWSER_NO_AVX512="1")
-    out = subprocess.run([sys.executable, "-c", _SCALAR_SCRIPT], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_without_avx512(_SCALAR_SCRIPT)

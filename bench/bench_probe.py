@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -86,7 +87,11 @@ def one_batch(which: str) -> dict:
 def part_a() -> list[dict]:
     rows = []
     for which in ("authors", "dowser"):
-        res = subprocess.run([sys.executable, __file__, "--one", which], capture_output=True,
+        # A fixed mmap threshold makes glibc return every freed block >= 128 KiB at once, so
+        # peak RSS follows live memory instead of the heap's high-water mark (which otherwise
+        # varies by tens of MB from run to run with allocation order).
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        res = subprocess.run([sys.executable, __file__, "--one", which], capture_output=True, env=env,
                              text=True, check=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     theirs, ours = rows
@@ -171,7 +176,8 @@ if __name__ == "__main__":
     notes = ("SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32 Llama, 30 layers), CPU. "
              "(a): each method in a fresh subprocess on the same synthetic batch, after a "
              "warm-up on a 1x8 batch; first_s is the first full-size run (its peak is "
-             "extra_peak_MB: peak RSS above the RSS before the call, model loaded), warm_s a "
+             "extra_peak_MB: peak RSS above the RSS before the call, model loaded; both run "
+             "with MALLOC_MMAP_THRESHOLD_=131072 so RSS tracks live memory), warm_s a "
              "second run. (b): hamming = fraction of entries "
              "whose rho=0.1 mask bit differs (max 0.2). " + args.notes)
     write_results("probe", rows, "cpu", notes=notes)

@@ -199,7 +199,8 @@ def _plot(rows: list[dict], args) -> None:
         rhos = sorted({float(r["rho"]) for r in rows if r["method"] == method and r["probe"] == "data-free"
                        and r["layers"] == str(args.layers)})
         means = [statistics.mean(float(r["A_up"]) for r in rows if r["method"] == method
-                                 and r["rho"] and float(r["rho"]) == rho and r["layers"] == str(args.layers))
+                                 and r["rho"] and float(r["rho"]) == rho and r["probe"] == "data-free"
+                                 and r["layers"] == str(args.layers))
                  for rho in rhos]
         ax.plot(rhos, means, "o-", color=color, label=method)
     for method, style in (("zero-shot", "--"), ("full FT", ":")):

@@ -281,11 +281,10 @@ def build_masks(layers: Sequence[tuple], full_shapes: Sequence[tuple], rho: floa
         loc = loc.detach()
         parts.append((loc, o[:, row0:row0 + loc.shape[0]].to(loc.device), i.to(loc.device),
                       bw.to(loc.device)))
-    k_of = (lambda n: int(math.floor(rho * n + 0.5)))
     if scope == "global":
-        groups, ks = [0] * len(layers), [k_of(sum(numels))]
+        groups, ks = [0] * len(layers), [ops._k_for(rho, sum(numels))]
     else:
-        groups, ks = list(range(len(layers))), [k_of(n) for n in numels]
+        groups, ks = list(range(len(layers))), [ops._k_for(rho, n) for n in numels]
     bits = select_masks_sharded(parts, groups, ks, group)
     return [gather_rows_mask(b, n, local_tensor(w).device, group)
             for b, n, (w, *_) in zip(bits, numels, layers)]
@@ -322,17 +321,12 @@ def optimizer_state_dict(optimizer, model: torch.nn.Module) -> dict[str, Any]:
         out["param_groups"].append({k: v for k, v in g.items() if k != "params"})
         for p in g["params"]:
             loc = local_tensor(p)
-            mask = optimizer._masks.get(p)
             st = optimizer.state.get(p, {})
             entry: dict[str, Any] = {"step": st.get("step", torch.tensor(0.0)).detach().clone()}
             for key in optimizer._state_keys:
                 val = st.get(key)
-                dense = torch.zeros(loc.shape, dtype=torch.float32, device=loc.device)
-                if val is not None:
-                    if tuple(val.shape) == tuple(loc.shape):
-                        dense.copy_(val)
-                    else:  # compact -> dense
-                        dense.view(-1)[torch.ops.dowser.unpack_mask(mask, loc.numel())] = val
+                dense = torch.zeros(loc.shape, dtype=torch.float32, device=loc.device) \
+                    if val is None else optimizer._dense_state(p, val)
                 entry[key] = _as_placed(dense, p)
             out["state"][names[p]] = entry
     return out

@@ -161,6 +161,16 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             if idx in converted:
                 self.state[p] = converted[idx]
 
+    def _dense_state(self, p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """fp32 state `value` (compact or dense) laid out like p's local tensor, zeros at
+        frozen entries."""
+        loc = local_tensor(p)
+        if tuple(value.shape) == tuple(loc.shape):
+            return value.to(torch.float32).clone()
+        dense = torch.zeros(loc.numel(), dtype=torch.float32, device=loc.device)
+        dense[torch.ops.dowser.unpack_mask(self._masks[p], loc.numel())] = value
+        return dense.view(loc.shape)
+
     def _load_value(self, p: torch.Tensor, key: str, value: Any) -> Any:
         if not isinstance(value, torch.Tensor):
             return value
@@ -178,9 +188,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             idx = torch.ops.dowser.unpack_mask(mask, loc.numel())
             return value.reshape(-1)[idx].clone()  # dense -> compact
         if mask is not None and value.dim() == 1 and value.numel() == self.trainable_count(p):
-            dense = torch.zeros(loc.numel(), dtype=torch.float32, device=loc.device)  # compact -> dense
-            dense[torch.ops.dowser.unpack_mask(mask, loc.numel())] = value
-            return dense.view(loc.shape)
+            return self._dense_state(p, value)
         raise ValueError(f"state_dict: {key} of {self._name(p)} has shape {tuple(value.shape)}, "
                          f"expected {want}: it was saved with another mask")
 

@@ -29,6 +29,9 @@ torch::Tensor masked_adamw_cpu(const std::vector<torch::Tensor>& params,
                                const std::vector<double>& steps, double lr, double beta1,
                                double beta2, double eps, double weight_decay, bool maximize,
                                bool skip_nonfinite);
+// The read-only pass alone: per-tensor NaN/Inf counts of trainable gradients.
+torch::Tensor count_nonfinite_cpu(const std::vector<torch::Tensor>& grads,
+                                  const std::vector<torch::Tensor>& masks);
 torch::Tensor masked_sgd_cpu(const std::vector<torch::Tensor>& params,
                              const std::vector<torch::Tensor>& grads,
                              const std::vector<torch::Tensor>& bufs,

@@ -25,6 +25,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // masked optimizer steps (issue 5)
   m.def("masked_adamw_cpu", &dowser::masked_adamw_cpu, "masked AdamW step on packed masks (CPU)");
   m.def("masked_sgd_cpu", &dowser::masked_sgd_cpu, "masked SGD step on packed masks (CPU)");
+  m.def("count_nonfinite_cpu", &dowser::count_nonfinite_cpu,
+        "per-tensor NaN/Inf counts of trainable gradients (CPU)", py::arg("grads"), py::arg("masks"));
 #ifdef DOWSER_WITH_CUDA
   m.def("masked_adamw_cuda", &dowser::masked_adamw_cuda, "masked AdamW step on packed masks (CUDA)");
   m.def("masked_sgd_cuda", &dowser::masked_sgd_cuda, "masked SGD step on packed masks (CUDA)");

@@ -128,6 +128,19 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"NaN/Inf gradient in trainable entries of {which}; nothing was "
                              "updated (use torch.amp.GradScaler to skip such steps)")
 
+    def _check_all(self) -> bool:
+        """Before a step that spans several op calls (groups or devices): count NaN/Inf
+        trainable gradients over all of them and raise before anything is written, so the
+        step stays atomic. Returns whether it checked (the calls may then skip their own pass)."""
+        calls = [plist for g in self.param_groups for plist in self._grouped(g)]
+        if len(calls) < 2:
+            return False
+        for plist in calls:
+            bad = torch.ops.dowser.count_nonfinite(
+                [local_tensor(p.grad) for p in plist], [self._masks.get(p) for p in plist])
+            self._raise_bad(bad, plist)
+        return True
+
     def _grouped(self, group: dict, params: list[torch.Tensor] | None = None):
         """The group's parameters that have a gradient, split by device."""
         by_device: dict[torch.device, list[torch.Tensor]] = {}
@@ -281,8 +294,9 @@ class MaskedAdamW(_MaskedOptimizer):
         if self.step_in_backward:
             return loss
         skipped: list = []
+        checked = self.nonfinite == "check" and self._check_all()
         for group in self.param_groups:
-            self._update(group, None, skipped)
+            self._update(group, None, skipped, checked)
         self._raise_skipped(skipped)  # nonfinite="skip": after every group was stepped
         return loss
 
@@ -296,8 +310,12 @@ class MaskedAdamW(_MaskedOptimizer):
             bad = torch.cat([b.cpu() for b, _ in skipped])
             self._raise_bad(bad, [p for _, plist in skipped for p in plist], skipped=True)
 
-    def _update(self, group: dict, params: list[torch.Tensor] | None, skipped: list) -> None:
+    def _update(self, group: dict, params: list[torch.Tensor] | None, skipped: list,
+                checked: bool = False) -> None:
+        # checked: every gradient is known finite, so the op's one-pass mode writes the same
+        # bits as its checking mode, without the second read.
         beta1, beta2 = group["betas"]
+        one_pass = self.nonfinite == "skip" or checked
         for plist in self._grouped(group, params):
             grads, m, v, masks, offs, steps = [], [], [], [], [], []
             for p in plist:
@@ -315,8 +333,8 @@ class MaskedAdamW(_MaskedOptimizer):
             bad = torch.ops.dowser.masked_adamw_step(
                 [local_tensor(p) for p in plist], grads, m, v, masks, offs, steps, float(group["lr"]), float(beta1),
                 float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                bool(group["maximize"]), self.nonfinite == "skip")
-            if self.nonfinite == "skip":  # the step happened: count it; report after all groups
+                bool(group["maximize"]), one_pass)
+            if one_pass:  # the step happened: count it; report (skip mode) after all groups
                 for p in plist:
                     self.state[p]["step"] += 1.0
                 skipped.append((bad, plist))
@@ -357,11 +375,13 @@ class MaskedSGD(_MaskedOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One SGD step over every parameter with a gradient."""
+        """One SGD step over every parameter with a gradient (atomic: a NaN/Inf trainable
+        gradient anywhere raises before anything is written)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_all()
         for group in self.param_groups:
             has_momentum = group["momentum"] != 0
             for plist in self._grouped(group):

@@ -231,13 +231,14 @@ def _trainable_index(param: torch.Tensor, mask: torch.Tensor | None) -> torch.Te
     return None if mask is None else unpack_mask(mask, param.numel())
 
 
-def _masked_nonfinite(grads, params, masks) -> torch.Tensor:
-    """Per tensor: number of NaN/Inf gradient entries that are trainable."""
-    device = params[0].device if params else torch.device("cpu")
-    bad = torch.zeros(len(params), dtype=torch.int64, device=device)
-    for i, (p, g, mask) in enumerate(zip(params, grads, masks)):
+def count_nonfinite(grads: list[torch.Tensor], masks: list[torch.Tensor | None]) -> torch.Tensor:
+    """Per tensor: number of NaN/Inf gradient entries that are trainable (masks[i] None: every
+    entry is)."""
+    device = grads[0].device if len(grads) else torch.device("cpu")
+    bad = torch.zeros(len(grads), dtype=torch.int64, device=device)
+    for i, (g, mask) in enumerate(zip(grads, masks)):
         flat = g.reshape(-1)
-        idx = _trainable_index(p, mask)
+        idx = _trainable_index(g, mask)
         sel = flat if idx is None else flat[idx]
         bad[i] = (~torch.isfinite(sel)).sum()
     return bad
@@ -285,7 +286,7 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor],
     was written. With `skip_nonfinite`, the finite entries are updated all the same and the
     NaN/Inf ones keep their param and state bits.
     """
-    bad = _masked_nonfinite(grads, params, masks)
+    bad = count_nonfinite(grads, masks)
     if bool(bad.any()) and not skip_nonfinite:
         return bad
     for p, g, m, v, mask, off, step in zip(params, grads, exp_avgs, exp_avg_sqs, masks, offsets,
@@ -341,7 +342,7 @@ def masked_sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: lis
     offsets[i] is given); first[i] = the buffer is fresh (it is then set to the update, as
     torch does). Returns per-tensor NaN/Inf counts; nothing is written when any is non-zero.
     """
-    bad = _masked_nonfinite(grads, params, masks)
+    bad = count_nonfinite(grads, masks)
     if bool(bad.any()):
         return bad
     for i, (p, g, mask, off) in enumerate(zip(params, grads, masks, offsets)):

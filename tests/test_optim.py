@@ -579,3 +579,79 @@ def test_error_names_the_parameter_and_add_param_group_trains_densely():
     model[0].weight.grad.view(-1)[int(train.nonzero()[0])] = float("nan")
     with pytest.raises(ValueError, match=r"0\.weight \(1\)"):
         opt.step()
+
+
+# ---- the read-only NaN/Inf pass alone, and atomic steps over several groups ----------------------
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rho", [0.0, 0.1, 1.0, None])
+def test_count_nonfinite_equals_reference(backend, dtype, rho):
+    fn = backend_fn("count_nonfinite", backend)
+    params = _params(dtype)
+    grads = _grads(params, 1)[0]  # one of them non-contiguous
+    masks = [None if rho is None or p.dim() == 1 else m
+             for p, m in zip(params, [_masks(params, rho or 0.0).get(p) for p in params])]
+    g = _gen(5)
+    for t in grads:  # NaN/Inf at random entries: trainable ones count, frozen ones do not
+        flat = t.view(-1) if t.is_contiguous() else t.t().view(-1)
+        idx = torch.randint(0, t.numel(), (7,), generator=g)
+        flat[idx[:4]] = float("nan")
+        flat[idx[4:]] = float("-inf")
+    want = reference.count_nonfinite(grads, masks)
+    assert torch.equal(fn(grads, masks), want)
+    if rho is None:
+        assert want.tolist() == [int((~torch.isfinite(t)).sum()) for t in grads]
+    if rho == 0.0:
+        assert want[:2].tolist() == [0, 0] and int(want[3]) == 0
+
+
+def test_count_nonfinite_refuses_a_mask_of_the_wrong_size():
+    g = torch.zeros(40)
+    with pytest.raises(Exception, match="2 contiguous int32 words"):
+        backend_fn("count_nonfinite", "cpp")([g], [torch.zeros(3, dtype=torch.int32)])
+
+
+def _two_groups(params, **hyper):
+    return [{"params": params[:2], **hyper}, {"params": params[2:], "lr": 3e-2}]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("cls", ["adamw", "sgd"])
+def test_nonfinite_in_a_later_group_writes_nothing_in_any_group(backend, cls, use_backend):
+    use_backend(backend)
+    params = _params(torch.float32)
+    masks = _masks(params, 0.5)
+    opt = (dowser.MaskedAdamW(_two_groups(params), masks, lr=1e-2) if cls == "adamw" else
+           dowser.MaskedSGD(_two_groups(params), masks, lr=1e-2, momentum=0.9))
+    _run(opt, params, _grads(params, 2))
+    before = [_bits(p).clone() for p in params]
+    state = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    for q, g in zip(params, _grads(params, 1, seed=9)[0]):
+        q.grad = g
+    last = params[3]  # second group
+    train = reference.unpack_mask(masks[last], last.numel())
+    last.grad.view(-1)[int(train.nonzero()[-1])] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/Inf gradient in trainable entries.*nothing was updated"):
+        opt.step()
+    for q, q0 in zip(params, before):
+        assert torch.equal(_bits(q), q0)
+        for k, v in opt.state[q].items():
+            assert torch.equal(v, state[q][k]), k
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_checked_multi_group_step_equals_single_group_bitwise(backend, use_backend):
+    """With several groups the step checks first and then runs one pass per group: the same
+    bits as one group with the same hyper-parameters."""
+    use_backend(backend)
+    runs = []
+    for groups in (False, True):
+        params = _params(torch.bfloat16)
+        masks = _masks(params, 0.3)
+        spec = [{"params": params[:2]}, {"params": params[2:]}] if groups else params
+        opt = dowser.MaskedAdamW(spec, masks, lr=1e-2, weight_decay=0.1)
+        _run(opt, params, _grads(params, 3))
+        runs.append([_bits(p) for p in params] + [opt.state[p]["exp_avg_sq"] for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

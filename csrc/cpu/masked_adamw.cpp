@@ -81,10 +81,20 @@ inline bool nonfinite(float x) { return !std::isfinite(x); }
 // ---- AVX-512 helpers (compiled for avx512 with a target attribute; chosen at run time) ------
 #define DOWSER_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
-// Software prefetch kPrefetch entries ahead: a single read stream otherwise keeps too few
-// misses in flight to use the memory bandwidth (measured ~25% faster here). Prefetching past
-// the end of a tensor is harmless (prefetches never fault).
+// Software prefetch kPrefetch entries ahead, on Intel only. There a single read stream
+// otherwise keeps too few misses in flight to use the memory bandwidth (measured ~25% faster
+// on a Xeon); on AMD EPYC (Zen 4) the hardware prefetchers do better alone (prefetching
+// measured ~11% slower there). Prefetching past the end of a tensor is harmless (prefetches
+// never fault).
 constexpr int64_t kPrefetch = 1024;
+
+bool prefetch_on() {
+  static const bool on = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return on;
+}
 
 // Kind-specialised AVX-512 loads/stores (the dtype switch leaves the inner loops).
 template <Kind K>
@@ -122,6 +132,7 @@ constexpr int kElemBytes(Kind k) { return k == Kind::F32 ? 4 : 2; }
 
 template <Kind K>
 DOWSER_AVX512 inline void prefetch_k(const void* base, int64_t i) {
+  if (!prefetch_on()) return;
   const char* at = static_cast<const char*>(base) + (i + kPrefetch) * kElemBytes(K);
   _mm_prefetch(at, _MM_HINT_T0);
   if constexpr (K == Kind::F32) _mm_prefetch(at + 64, _MM_HINT_T0);
@@ -681,6 +692,17 @@ torch::Tensor masked_adamw_cpu(const std::vector<torch::Tensor>& params,
   torch::Tensor bad = torch::zeros({static_cast<int64_t>(n)}, torch::kInt64);
   std::copy(skipped.begin(), skipped.end(), bad.data_ptr<int64_t>());
   return bad;
+}
+
+torch::Tensor count_nonfinite_cpu(const std::vector<torch::Tensor>& grads,
+                                  const std::vector<torch::Tensor>& masks) {
+  TORCH_CHECK(masks.size() == grads.size(), "count_nonfinite_cpu: argument lists differ in length");
+  std::vector<Item> items;
+  items.reserve(grads.size());
+  const torch::Tensor none;
+  for (size_t i = 0; i < grads.size(); ++i)  // the read-only pass reads only grad and mask
+    items.push_back(make_item(grads[i], grads[i], masks[i], none, "count_nonfinite_cpu"));
+  return count_bad(items, make_tasks(items));
 }
 
 torch::Tensor masked_sgd_cpu(const std::vector<torch::Tensor>& params,

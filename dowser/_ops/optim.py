@@ -1,4 +1,5 @@
-"""dowser::masked_adamw_step / dowser::masked_sgd_step: optimizer steps on bit-packed masks.
+"""dowser::masked_adamw_step / dowser::masked_sgd_step: optimizer steps on bit-packed masks;
+dowser::count_nonfinite: their read-only NaN/Inf pass alone.
 
 One call updates every parameter of a group (same device). Per tensor: a packed mask (None =
 every entry trains) and, for compact state, the mask's per-word popcount prefix sums. Each op
@@ -15,6 +16,7 @@ import torch
 
 from dowser import reference
 from dowser._registry import define, register
+from dowser.selfcheck import add_case
 
 _ADAMW_SCHEMA = ("(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
                  "Tensor(c!)[] exp_avg_sqs, Tensor?[] masks, Tensor?[] offsets, float[] steps, "
@@ -30,11 +32,21 @@ def _fake_counts(params, *args, **kwargs) -> torch.Tensor:
     return torch.empty((len(params),), dtype=torch.int64, device=device)
 
 
+_COUNT_SCHEMA = "(Tensor[] grads, Tensor?[] masks) -> Tensor"
+
+
+def _fake_count(grads, masks) -> torch.Tensor:
+    return _fake_counts(grads)
+
+
 masked_adamw_step_op = define("masked_adamw_step", _ADAMW_SCHEMA, _fake_counts)
+count_nonfinite_op = define("count_nonfinite", _COUNT_SCHEMA, _fake_count)
 masked_sgd_step_op = define("masked_sgd_step", _SGD_SCHEMA, _fake_counts)
 
 register("masked_adamw_step", "reference", ("cpu", "cuda"))(reference.masked_adamw_)
 register("masked_sgd_step", "reference", ("cpu", "cuda"))(reference.masked_sgd_)
+# CUDA: the reference (one parameter's trainable index at a time); only multi-group steps use it.
+register("count_nonfinite", "reference", ("cpu", "cuda"))(reference.count_nonfinite)
 
 _EMPTY: dict[torch.device, torch.Tensor] = {}
 
@@ -79,6 +91,13 @@ def _adamw_cpp(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, steps, lr, 
         bool(skip_nonfinite))
     _copy_back(back, bad, bool(skip_nonfinite))
     return bad
+
+
+@register("count_nonfinite", "cpp", ("cpu",), cpp_symbol="count_nonfinite_cpu")
+def _count_cpp(grads, masks) -> torch.Tensor:
+    from dowser import _ext
+
+    return _ext.load().count_nonfinite_cpu([g.contiguous() for g in grads], _none_as_empty(masks, "cpu"))
 
 
 @register("masked_sgd_step", "cpp", ("cpu",), cpp_symbol="masked_sgd_cpu")
@@ -133,3 +152,14 @@ def _sgd_cuda(params, grads, bufs, masks, offsets, first, lr, momentum, dampenin
         _cuda_stream(device))
     _copy_back(back, bad)
     return bad
+
+
+def _selfcheck_count_inputs(gen: torch.Generator) -> tuple:
+    grads = [torch.randn(37, 45, generator=gen), torch.randn(70, generator=gen).to(torch.bfloat16)]
+    grads[0].view(-1)[torch.randint(0, grads[0].numel(), (9,), generator=gen)] = float("nan")
+    grads[1][torch.randint(0, 70, (3,), generator=gen)] = float("inf")
+    mask = reference.pack_mask(torch.rand(37, 45, generator=gen) < 0.5)
+    return grads, [mask, None]
+
+
+add_case("count_nonfinite", _selfcheck_count_inputs)

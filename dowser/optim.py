@@ -236,7 +236,8 @@ class MaskedAdamW(_MaskedOptimizer):
             this mode.
         nonfinite: what a NaN/Inf gradient in a trainable entry does.
             ``"check"`` (default, atomic): a read-only pass over the trainable gradients comes
-            first; if one is NaN/Inf, ValueError is raised and nothing at all was written.
+            first (over every parameter group, when there are several); if one is NaN/Inf,
+            ValueError is raised and nothing at all was written.
             ``"skip"`` (one pass, faster, NOT atomic): every trainable entry with a finite
             gradient is updated; each entry whose gradient is NaN/Inf keeps its parameter and
             state bits; after the step, ValueError names the parameters that had such entries

@@ -135,10 +135,10 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         calls = [plist for g in self.param_groups for plist in self._grouped(g)]
         if len(calls) < 2:
             return False
-        for plist in calls:
-            bad = torch.ops.dowser.count_nonfinite(
-                [local_tensor(p.grad) for p in plist], [self._masks.get(p) for p in plist])
-            self._raise_bad(bad, plist)
+        counts = [torch.ops.dowser.count_nonfinite([local_tensor(p.grad) for p in plist],
+                                                   [self._masks.get(p) for p in plist]).cpu()
+                  for plist in calls]
+        self._raise_bad(torch.cat(counts), [p for plist in calls for p in plist])
         return True
 
     def _grouped(self, group: dict, params: list[torch.Tensor] | None = None):

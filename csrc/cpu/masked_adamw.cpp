@@ -3,8 +3,8 @@
 // Work is split into blocks of kBlockWords mask words; OpenMP hands each thread one contiguous
 // run of the blocks of all tensors of a group (schedule(static)): long sequential streams suit
 // the hardware prefetchers best (measured 8-25% faster than dynamic runs of 4 blocks on Zen 4;
-// several interleaved streams per thread measured slower still). A block runs in sub-blocks of kSubWords words, each in three phases so that the
-// arithmetic touches only trainable entries:
+// several interleaved streams per thread measured slower still). A block runs in sub-blocks of
+// kSubWords words, each in three phases so that the arithmetic touches only trainable entries:
 //   A. gather: the trainable entries of param and grad (and of dense state) are compressed
 //      into small thread-local fp32 buffers (AVX-512 compress, or a ctz loop);
 //   B. math: one contiguous, vectorisable loop over the block's k_b entries; compact state is
@@ -174,8 +174,9 @@ DOWSER_AVX512 int64_t count_bad_avx512(const Item& it, int64_t w0, int64_t w1) {
   return bad;
 }
 
-// Phase A: compress the trainable lanes of param and grad into pb/gb. A compress in a register plus a full store is much
-// faster than a compressing store to memory (microcoded); buffers have 16 floats of slack.
+// Phase A: compress the trainable lanes of param and grad into pb/gb. A compress in a register
+// plus a full store is much faster than a compressing store to memory (microcoded); buffers
+// have 16 floats of slack.
 template <Kind K>
 DOWSER_AVX512 int64_t gather_pg_avx512(const Item& it, int64_t w0, int64_t w1, float* pb, float* gb) {
   const int64_t last = (it.n + 31) / 32 - 1;

@@ -5,6 +5,7 @@ parent test to compare with a single process."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -56,6 +57,17 @@ def shard(model, mesh):
 def loss_of(model, ids):
     out = model(input_ids=ids, labels=ids)
     return out.loss
+
+
+def run(rank: int, port: int, name: str, *args) -> None:
+    """Run worker `name`, then leave without interpreter finalization: there, torch's gloo
+    threads intermittently abort the process ("terminate called without an active
+    exception", also at the base commit; see pytorch/pytorch#179291) after the work is done.
+    A worker that raises still reports through torch.multiprocessing.spawn."""
+    globals()[name](rank, port, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _init(rank: int, port: int) -> None:

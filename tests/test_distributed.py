@@ -26,7 +26,7 @@ def _port() -> int:
 
 
 def _spawn(fn, *args) -> None:
-    torch.multiprocessing.spawn(fn, args=(_port(), *args), nprocs=W.WORLD, join=True)
+    torch.multiprocessing.spawn(W.run, args=(_port(), fn.__name__, *args), nprocs=W.WORLD, join=True)
 
 
 @contextlib.contextmanager

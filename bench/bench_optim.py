@@ -5,14 +5,13 @@
 
 Timing: a fresh subprocess per tensor set (--processes of them, rounds pooled) builds the
 parameters and gradients once and times every configuration on those same tensors, in
-interleaved rounds: each round builds the
-configuration's optimizer (fresh state), takes one warm-up step, times `--repeat` steps
-(median) and frees it. Every configuration thus reads and writes the same parameter and
-gradient memory (on a shared VM, which physical pages a process gets moves step times by up to
-1.5x between processes, which swamped comparisons across processes; pooling a few processes
-averages that over all configurations alike). Memory: each configuration in a
-fresh subprocess measures the peak memory of its first two steps (optimizer state is allocated
-there) above the parameters + gradients.
+interleaved rounds: each round builds the configuration's optimizer (fresh state), takes one
+warm-up step, times `--repeat` steps (median) and frees it. Every configuration thus reads and
+writes the same parameter and gradient memory (on a shared VM, which physical pages a process
+gets moves step times by up to 1.5x between processes; pooling a few processes averages that
+over all configurations alike). Memory: each configuration in a fresh subprocess measures the
+peak memory of its first two steps (optimizer state is allocated there) above the parameters +
+gradients.
 Dowser rows run with nonfinite="check" (atomic NaN/Inf pre-pass, the default) unless named
 "skip" (one pass; NaN/Inf entries are left untouched and reported after the step).
 Masks: "random" draws each entry independently (the worst case for locality); "structured"

@@ -15,9 +15,11 @@ __version__ = "0.1.0"
 
 from dowser import ops
 from dowser._registry import backend_info
+from dowser import probe  # the package is callable: dowser.probe(model, ...)
 from dowser.masks import MaskSet, build_masks
 from dowser.optim import MaskedAdamW, MaskedSGD, mask_gradients
-from dowser.probe import ProbeEntry, ProbeStats, prepare, probe
+from dowser.pipeline import prepare
+from dowser.probe import ProbeEntry, ProbeStats
 from dowser.selfcheck import selfcheck
 
 __all__ = ["__version__", "ops", "backend_info", "selfcheck", "probe", "ProbeStats", "ProbeEntry",

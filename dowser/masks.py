@@ -8,15 +8,20 @@ ever materialised here.
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from dowser import _artifacts
+from dowser._artifacts import model_identity
 from dowser._checks import check_rho
-from dowser.probe import FORMAT_VERSION, ProbeStats, _is_conv1d, layer_dims, model_identity
+from dowser.probe.stats import ProbeStats
+from dowser.probe.targets import is_conv1d, layer_dims
+
+KIND = "dowser.MaskSet"
 
 __all__ = ["MaskSet", "build_masks"]
 
@@ -94,49 +99,28 @@ class MaskSet(Mapping):
                           "model_name") if k in self.metadata)
         return meta + "\n" + "\n".join(lines)
 
-    def save(self, path: str) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Write the masks (int32 words) and metadata to a safetensors file (no pickle)."""
-        from safetensors.torch import save_file
-
         tensors = {k: v.detach().cpu().clone() for k, v in self._masks.items()}
         for k, v in self.score_samples.items():
             tensors[_SAMPLES_PREFIX + k] = v.detach().float().cpu().clone()
-        meta = dict(self.metadata)
-        meta["kind"] = "dowser.MaskSet"
-        meta["format_version"] = FORMAT_VERSION
-        meta["shapes"] = {k: list(v) for k, v in self.shapes.items()}
-        flat = {"dowser": json.dumps(meta)}
-        for key in ("format_version", "rho", "scope", "n_samples", "n_rademacher", "estimator",
-                    "seed", "model_name", "config_hash", "dowser_version"):
-            if key in meta:  # also as plain fields, readable by any safetensors tool
-                flat[key] = str(meta[key])
-        save_file(tensors, str(path), metadata=flat)
+        meta = {**self.metadata, "shapes": {k: list(v) for k, v in self.shapes.items()}}
+        _artifacts.save(path, tensors, KIND, meta,
+                        plain=("format_version", "rho", "scope", "method", "n_samples",
+                               "n_rademacher", "estimator", "seed", "model_name", "config_hash",
+                               "dowser_version"))
 
     @classmethod
-    def load(cls, path: str, model: nn.Module | None = None) -> "MaskSet":
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "MaskSet":
         """Read a mask file; with `model`, refuse one made for another model: the message names
         the first parameter that is missing or has another shape."""
-        from safetensors import safe_open
-
         from dowser._checks import check_packed
 
-        with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads((fh.metadata() or {}).get("dowser", "{}"))
-            if meta.get("kind") != "dowser.MaskSet":
-                raise ValueError(f"{path} is not a dowser mask file")
-            if int(meta.get("format_version", -1)) > FORMAT_VERSION:
-                raise ValueError(f"{path} has format version {meta.get('format_version')}, this "
-                                 f"dowser reads up to {FORMAT_VERSION}")
-            shapes = {k: tuple(v) for k, v in meta.pop("shapes").items()}
-            masks, samples = {}, {}
-            for key in fh.keys():
-                if key.startswith(_SAMPLES_PREFIX):
-                    samples[key[len(_SAMPLES_PREFIX):]] = fh.get_tensor(key)
-                else:
-                    masks[key] = fh.get_tensor(key)
-        meta.pop("kind", None)
-        # keep the file's parameter order
-        masks = {k: masks[k] for k in shapes}
+        meta, tensors = _artifacts.load(path, KIND)
+        shapes = {k: tuple(v) for k, v in meta.pop("shapes").items()}
+        samples = {k[len(_SAMPLES_PREFIX):]: v for k, v in tensors.items()
+                   if k.startswith(_SAMPLES_PREFIX)}
+        masks = {k: tensors[k] for k in shapes}  # the file's parameter order
         for name, packed in masks.items():
             numel = 1
             for s in shapes[name]:
@@ -225,7 +209,7 @@ def build_masks(model: nn.Module, stats: ProbeStats, rho: float = 0.1,
         psi = entry.out_factors.to(dev, torch.float32)
         a = entry.in_factors.to(dev, torch.float32)
         bw = entry.batch_weights.to(dev, torch.float32)
-        conv1d = _is_conv1d(mod)
+        conv1d = is_conv1d(mod)
         # The mask is laid out over the weight as stored: Conv1D stores W^T, whose rows are the
         # layer's inputs, so its "out" factor is A and its "in" factor is Psi.
         rows_f, cols_f = (a, psi) if conv1d else (psi, a)

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from dowser import reference
-from dowser.probe import (ProbeStats, _probe, find_targets, probe, rademacher,
-                          synthetic_prompts)
+from dowser.probe import ProbeStats, find_targets, probe, rademacher, synthetic_prompts
 from tests.models import ARCHITECTURES, tiny_gpt2, tiny_llama, tiny_llava, tiny_mlp
 
 FAST = dict(n_rademacher=2, seq_len=10, progress=False)
@@ -125,13 +124,12 @@ def test_synthetic_prompts_reproducible_and_shaped():
 
 def test_batches_depend_on_seed_and_index_only():
     model = tiny_llama()
-    kw = dict(layers=1, targets=None, n_samples=10, batch_size=4, n_rademacher=2, seq_len=8,
-              estimator="l1", seed=3, prompts=None, dataloader=None, include_projector=False,
-              include_lm_head=False, include_vision=False, progress=False)
-    full = _probe(model, None, **kw)
-    again = _probe(model, None, **kw)
-    shuffled = _probe(model, None, batch_indices=[2, 0, 1], **kw)
-    alone = _probe(model, None, batch_indices=[1], **kw)
+    kw = dict(layers=1, n_samples=10, batch_size=4, n_rademacher=2, seq_len=8, seed=3,
+              progress=False)
+    full = probe(model, **kw)
+    again = probe(model, **kw)
+    shuffled = probe(model, only_batches=[2, 0, 1], **kw)
+    alone = probe(model, only_batches=[1], **kw)
     for n, e in full.items():
         assert torch.equal(e.out_factors, again[n].out_factors)
         assert torch.equal(e.in_factors, again[n].in_factors)
@@ -139,7 +137,7 @@ def test_batches_depend_on_seed_and_index_only():
         assert torch.equal(e.in_factors[1:2], alone[n].in_factors)
         assert torch.equal(e.out_factors[1:2], alone[n].out_factors)
         assert e.batch_weights.tolist() == [4.0, 4.0, 2.0]
-    other = _probe(model, None, **{**kw, "seed": 4})
+    other = probe(model, **{**kw, "seed": 4})
     assert not torch.equal(next(iter(other.values())).out_factors,
                            next(iter(full.values())).out_factors)
 
@@ -222,11 +220,9 @@ def test_equivalent_to_authors_loop(arch, estimator):
     model = tiny_llama() if arch == "llama" else tiny_gpt2()
     R, n, bs, T, seed = 3, 6, 4, 12, 5
     batches, xis = _authors_inputs(model, n, bs, T, seed, R)
-    stats = _probe(model, None, layers=None, targets=None, n_samples=n, batch_size=bs,
-                   n_rademacher=R, seq_len=T, estimator=estimator, seed=seed, prompts=None,
-                   dataloader=None, include_projector=False, include_lm_head=False,
-                   include_vision=False, progress=False,
-                   xi_fn=lambda b, r, rows, vocab: xis[b])
+    stats = probe(model, n_samples=n, batch_size=bs, n_rademacher=R, seq_len=T,
+                  estimator=estimator, seed=seed, progress=False,
+                  draws=lambda b, r, rows, vocab: xis[b])
     theirs = reference.authors_probe_loop(model, batches, list(stats), xis, estimator)
     mods = dict(model.named_modules())
     for name, entry in stats.items():
@@ -260,10 +256,8 @@ def test_state_restored_no_grads_and_hooks_removed_on_error():
     def boom(*a):
         raise RuntimeError("xi exploded")
     with pytest.raises(RuntimeError, match="xi exploded"):
-        _probe(model, None, layers=1, targets=None, n_samples=2, batch_size=2, n_rademacher=2,
-               seq_len=8, estimator="l1", seed=0, prompts=None, dataloader=None,
-               include_projector=False, include_lm_head=False, include_vision=False,
-               progress=False, xi_fn=boom)
+        probe(model, layers=1, n_samples=2, batch_size=2, n_rademacher=2, seq_len=8,
+              progress=False, draws=boom)
     assert model.training
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     assert all(not m._forward_hooks for m in model.modules())

@@ -185,7 +185,9 @@ def select_masks(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], 
         for layer in layers:
             _launch(layer, HIST, ctl, hist)
         cum = torch.cumsum(hist, 0)
-        b = torch.searchsorted(cum, left)  # first bin whose cumulative count reaches `left`
+        # First bin whose cumulative count reaches `left` (always < NB; clamped for recorded
+        # launches, whose histograms stay empty).
+        b = torch.searchsorted(cum, left).clamp_(max=NB - 1)
         lower = torch.where(b > 0, cum[(b - 1).clamp(min=0)], torch.zeros_like(b))
         in_bin = hist[b]
         prefix = prefix | (b << shift)

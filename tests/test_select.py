@@ -13,11 +13,13 @@ import pytest
 import torch
 
 import dowser
+from dowser import _registry
 from dowser import ops, reference
 from tests.conftest import backend_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKENDS = ["reference", "cpp", "cpp-radix", "triton"]
+# Every registered backend (unusable ones skip), plus the cpp backend forced onto its radix path.
+BACKENDS = [*_registry.backends("select_mask")] + (["cpp-radix"] if "cpp" in _registry.backends("select_mask") else [])
 RHOS = [0.0, 1e-6, 0.1, 0.5, 1.0]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

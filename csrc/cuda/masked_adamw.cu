@@ -212,8 +212,8 @@ torch::Tensor launch(bool adam, std::vector<Meta>& metas, int64_t chunks, const 
                               stream) == cudaSuccess, "masked step: metadata copy failed");
   TORCH_CHECK(cudaMemsetAsync(bad.data_ptr(), 0, (count + 1) * sizeof(int64_t), stream) == cudaSuccess,
               "masked step: memset failed");
-  // The pageable host buffer must outlive the async copy.
-  TORCH_CHECK(cudaStreamSynchronize(stream) == cudaSuccess, "masked step: stream sync failed");
+  // No stream synchronisation: a copy from pageable host memory returns once the driver has
+  // staged the source, so `host` may be freed when this function returns.
   if (chunks > 0) {
     const Meta* d_meta = reinterpret_cast<const Meta*>(dev_meta.data_ptr());
     auto* d_bad = reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>());

@@ -36,6 +36,33 @@ def _has_nvidia_backend() -> bool:
 pytestmark = pytest.mark.skipif(not _has_nvidia_backend(), reason="triton without its NVIDIA backend")
 
 
+GROUPS = """
+import json
+from dowser.kernels import aot
+launches = aot.enumerate_launches()
+groups = {}
+for launch in launches:
+    assert launch.options == {"enable_fp_fusion": False}, launch.options
+    groups.setdefault(aot._group_of(launch), set()).add(
+        aot.spec_key(launch.kernel, launch.args, launch.constexprs))
+print(json.dumps({"launches": len(launches), "groups": [[list(map(str, g)), len(s)] for g, s in groups.items()]}))
+"""
+
+
+def test_one_specialisation_per_kernel_dtype_layout_mode():
+    """Fast half of the check (no compile): over shapes, B = 1 / B > 1, k and strides, every
+    (kernel, dtype, layout, mode) launches a single specialisation, with FP fusion pinned."""
+    proc = subprocess.run([sys.executable, "-c", GROUPS], capture_output=True, text=True,
+                          cwd=ROOT, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    many = [g for g, n in result["groups"] if n != 1]
+    assert not many, many
+    names = {g[0] for g, _ in result["groups"]}
+    assert {"_pass_kernel", "_pass_tile_kernel", "_scores_kernel", "_scores_tile_kernel"} <= names
+    assert len(result["groups"]) == 74
+
+
 @pytest.mark.slow  # ~50 CPU-seconds cold; ~2 s with Triton's compile cache warm
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     out = tmp_path / "aot.json"

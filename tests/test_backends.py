@@ -108,3 +108,22 @@ def test_cli_info_and_selfcheck():
                               text=True, cwd=ROOT, timeout=300)
         assert proc.returncode == 0, proc.stderr
     assert "pack_mask" in proc.stdout and "ok" in proc.stdout
+    listed = {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
+    assert set(_registry.OPS) <= listed, f"selfcheck misses {set(_registry.OPS) - listed}"
+
+
+def test_selfcheck_covers_every_op_and_backend():
+    rows = dowser.selfcheck()
+    assert {r["op"] for r in rows} == set(_registry.OPS)
+    for op in _registry.OPS:
+        assert {r["backend"] for r in rows if r["op"] == op} == set(_registry.implementations(op, "cpu"))
+
+
+def test_backends_come_from_the_registry():
+    """Every op has its reference; kernels are registered per device by the backend modules."""
+    for op, decl in _registry.OPS.items():
+        assert _registry.backends(op)[0] == "reference"
+        assert _registry._IMPLS[op]["reference"].fn is decl.reference
+        for backend in _registry.backends(op):
+            assert set(_registry._IMPLS[op][backend].devices) <= set(_registry.DEVICES)
+    assert _registry.backends("count_nonfinite") == ("reference", "cpp", "cuda")

@@ -54,7 +54,8 @@ for f in "${files[@]}"; do
     /Used [0-9]+ registers/ { match($0, /Used [0-9]+ registers/); regs = substr($0, RSTART + 5, RLENGTH - 15);
                               printf "  %-28s %-6s %4s registers, %s bytes spilled  %s\n", file, arch, regs, spill + 0, fn;
                               if (spill + 0 > 0) bad = 1 }
-    END { exit bad }' "$log" || { echo "check_cuda_sources: spills in $f"; status=1; }
+    END { exit bad }' "$log" >"$log.regs" || { echo "check_cuda_sources: spills in $f"; status=1; }
+  if command -v c++filt >/dev/null; then c++filt <"$log.regs"; else cat "$log.regs"; fi
 done
 [ $status -eq 0 ] && echo "check_cuda_sources: ${#files[@]} file(s) compiled for sm_80 and sm_90, no spills"
 exit $status

@@ -13,7 +13,8 @@ fp32 scores, selected in three 11/11/10-bit digits (as CUB and RAFT do):
   WRITE      whole words: bit = key < T or (key == T and tie rank < k - count below), the rank
              from an exclusive scan of the TIES counts in flat (layer, index) order.
 The threshold state (prefix, T, count below, ties needed) lives in a small device tensor that
-the kernels read, so a selection makes no host synchronisation at all; the only integer
+the kernels read and a one-program kernel updates after each HIST pass (`_find_bin_kernel`:
+one launch, not a string of small torch ops), so a selection makes no host synchronisation; the only integer
 arguments are shapes and strides, marked do_not_specialize (one compile per dtype, layout and
 mode, whatever the shapes, B or k).
 Memory: a 2048-bin histogram, one count per block (n / 1024 or d_out * d_in / 128) and the
@@ -34,8 +35,40 @@ NB = 2048  # bins per digit (11 bits)
 # (shift of the digit, mask of the higher bits that must equal the prefix) per HIST pass.
 DIGITS = ((21, 0x00000000), (10, 0xFFE00000), (0, 0xFFFFFC00))
 HIST, TIES, WRITE = 0, 1, 2
-# Device control words: [prefix, prefix mask, shift, T, ties needed, TIES pass needed].
-_PREFIX, _PMASK, _SHIFT, _T, _NEED, _RANKED = range(6)
+# Device control words (int64): what the passes read -- prefix so far, mask of its bits, shift
+# of the digit, threshold key T, ties needed, whether some tie must be left out -- and the
+# bin search's state -- rank still wanted inside the bin, count strictly below.
+_PREFIX, _PMASK, _SHIFT, _T, _NEED, _RANKED, _LEFT, _BELOW = range(8)
+
+
+def _signed32(x: int) -> int:
+    # Masks travel as signed 32-bit values (one argument type for every pass: one compile).
+    return x - (1 << 32) if x >= 1 << 31 else x
+
+
+@triton.jit(do_not_specialize=["shift", "next_shift", "next_pmask"])
+def _find_bin_kernel(hist_ptr, ctl_ptr, shift, next_shift, next_pmask, NB: tl.constexpr):
+    """One program: the bin of the histogram holding the wanted rank, the control words for
+    the next pass (or T, ties needed and the TIES flag after the last), and the bins zeroed."""
+    bins = tl.arange(0, NB)
+    h = tl.load(hist_ptr + bins)
+    cum = tl.cumsum(h, axis=0)
+    left = tl.load(ctl_ptr + 6)
+    lower_bins = cum < left  # cum is non-decreasing: these are the bins before the wanted one
+    b = tl.sum(lower_bins.to(tl.int64), axis=0)
+    lower = tl.max(tl.where(lower_bins, cum, 0), axis=0)
+    in_bin = tl.sum(tl.where(bins == b, h, 0), axis=0)
+    prefix = tl.load(ctl_ptr + 0) | (b << shift)
+    left = left - lower
+    tl.store(ctl_ptr + 0, prefix)
+    tl.store(ctl_ptr + 1, next_pmask.to(tl.int64))
+    tl.store(ctl_ptr + 2, next_shift.to(tl.int64))
+    tl.store(ctl_ptr + 3, prefix)  # T, once the last digit is in
+    tl.store(ctl_ptr + 4, left)  # ties at T still to take
+    tl.store(ctl_ptr + 5, (left < in_bin).to(tl.int64))
+    tl.store(ctl_ptr + 6, left)
+    tl.store(ctl_ptr + 7, tl.load(ctl_ptr + 7) + lower)
+    tl.store(hist_ptr + bins, tl.zeros_like(h))
 
 
 @triton.jit
@@ -171,32 +204,16 @@ def select_masks(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], 
         raise ValueError(f"k must be in [0, {n}], got {k}")
     if k == 0:
         return outs, torch.tensor([-1, 0, 0], dtype=torch.int64, device=device)
-    ctl = torch.zeros(6, dtype=torch.int64, device=device)
+    # Filled in place (no host-to-device copy, no synchronisation).
+    ctl = torch.zeros(8, dtype=torch.int64, device=device)
+    ctl[_SHIFT] = DIGITS[0][0]
+    ctl[_LEFT] = k
     hist = torch.zeros(NB, dtype=torch.int64, device=device)
-    prefix = torch.zeros(1, dtype=torch.int64, device=device)
-    below = torch.zeros(1, dtype=torch.int64, device=device)
-    left = torch.full((1,), k, dtype=torch.int64, device=device)  # rank wanted inside the bin
-    in_bin = left
-    for shift, pmask in DIGITS:
-        ctl[_PREFIX:_PREFIX + 1] = prefix
-        ctl[_PMASK] = pmask
-        ctl[_SHIFT] = shift
-        hist.zero_()
+    for i, (shift, _) in enumerate(DIGITS):
         for layer in layers:
             _launch(layer, HIST, ctl, hist)
-        cum = torch.cumsum(hist, 0)
-        # First bin whose cumulative count reaches `left` (always < NB; clamped for recorded
-        # launches, whose histograms stay empty).
-        b = torch.searchsorted(cum, left).clamp_(max=NB - 1)
-        lower = torch.where(b > 0, cum[(b - 1).clamp(min=0)], torch.zeros_like(b))
-        in_bin = hist[b]
-        prefix = prefix | (b << shift)
-        left = left - lower
-        below = below + lower
-    # prefix is now the threshold key T; `left` ties at T are taken out of `in_bin`.
-    ctl[_T:_T + 1] = prefix
-    ctl[_NEED:_NEED + 1] = left
-    ctl[_RANKED:_RANKED + 1] = (left < in_bin).to(torch.int64)
+        next_shift, next_pmask = DIGITS[i + 1] if i + 1 < len(DIGITS) else (0, 0)
+        launch(_find_bin_kernel, (1,), hist, ctl, shift, next_shift, _signed32(next_pmask), NB=NB)
     blocks = [torch.zeros(_counts_len(w), dtype=torch.int64, device=device) for w, _, _ in layers]
     for layer, block in zip(layers, blocks):
         _launch(layer, TIES, ctl, hist, block=block)
@@ -207,4 +224,4 @@ def select_masks(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], 
         pre = prefix_all[start:start + block.numel()]
         start += block.numel()
         _launch(layer, WRITE, ctl, hist, prefix=pre, out=out)
-    return outs, torch.cat([prefix, below, left])
+    return outs, torch.stack([ctl[_T], ctl[_BELOW], ctl[_NEED]])

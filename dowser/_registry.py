@@ -67,14 +67,14 @@ def _cpp_unavailable(symbol: str | None, op: str | None) -> Callable[[str], str 
         mod = _ext.load()
         if mod is None:
             return f"C++ extension unavailable: {_ext.info()['reason']}"
+        if device == "cuda" and not _ext.with_cuda():
+            return "dowser._C was built without CUDA"
         if symbol is not None and not _ext.has(symbol):
             return f"dowser._C has no {symbol}"
         if op is not None:
             ns, name = op.split("::")
             if not hasattr(getattr(torch.ops, ns), name):
                 return f"dowser._C registers no {op}"
-        if device == "cuda" and not _ext.with_cuda():
-            return "dowser._C was built without CUDA"
         return None
 
     return check

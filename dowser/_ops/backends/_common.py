@@ -9,7 +9,10 @@ _EMPTY: dict[torch.device, torch.Tensor] = {}
 
 def none_as_empty(ts, device) -> list[torch.Tensor]:
     """The C++ entry points take plain tensor lists: an empty tensor stands for None."""
-    empty = _EMPTY.setdefault(torch.device(device), torch.empty(0, dtype=torch.int32, device=device))
+    dev = torch.device(device)
+    empty = _EMPTY.get(dev)
+    if empty is None:
+        empty = _EMPTY[dev] = torch.empty(0, dtype=torch.int32, device=dev)
     return [empty if t is None else t for t in ts]
 
 

@@ -1,10 +1,22 @@
-"""One declaration per op (torch.library) and the choice of backend per device.
+"""Op declarations (torch.library) and the choice of backend per device.
 
-Every op has a plain-PyTorch reference (dowser/reference.py) and may have faster kernels:
-``cpp`` (dowser._C, CPU), ``cuda`` (dowser._C built with CUDA) and ``triton`` (dowser.kernels).
-Kernels register here with a device list and an availability check; the torch.library op
-routes each call to the first available backend of the device's preference order. Tests call
-every available backend directly through `implementations`.
+The bitsandbytes way: each op is declared once, in ``dowser/_ops/<op>.py`` (`define`: its
+schema, its fake kernel for torch.compile / meta tensors, and its plain-PyTorch reference from
+dowser/reference.py); each backend registers its kernel per device in
+``dowser/_ops/backends/<backend>.py`` (`register`). Backends: ``cpp`` (dowser._C on CPU),
+``cuda`` (dowser._C built with CUDA), ``triton`` (dowser.kernels) and ``reference`` (every
+device; the fallback).
+
+Per device type, one kernel is registered with `torch.library.register_kernel`: it runs the
+first available backend of the device's preference order (`DOWSER_BACKEND` forces one), so a
+missing extension or a CPU-only Triton falls back instead of failing. Every other device runs
+the reference (CompositeExplicitAutograd). Tests and benchmarks enumerate the backends from
+here (`backends`, `implementations`), never from hand-written lists.
+
+C++/CUDA kernels either are pybind11 functions of dowser._C (`cpp_symbol=`) or register
+themselves with ``TORCH_LIBRARY_FRAGMENT(dowser_C, m)`` in their own source file
+(`cpp_op="dowser_C::name"`, called as ``torch.ops.dowser_C.name``): a new C++ kernel then
+needs no edit of csrc/dowser.h or csrc/ops.cpp.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": ("cpp", "reference"),
 }
 BACKENDS = ("cuda", "triton", "cpp", "reference")
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -33,20 +46,35 @@ class Impl:
     unavailable: Callable[[str], str | None]
 
 
+@dataclass(frozen=True)
+class OpDecl:
+    name: str
+    schema: str
+    reference: Callable
+    fake: Callable | None
+    mutates: bool
+
+
 _IMPLS: dict[str, dict[str, Impl]] = {}
+OPS: dict[str, OpDecl] = {}
 _LIB = torch.library.Library("dowser", "DEF")
 
 
-def _cpp_unavailable(symbol: str) -> Callable[[str], str | None]:
+def _cpp_unavailable(symbol: str | None, op: str | None) -> Callable[[str], str | None]:
     def check(device: str) -> str | None:
         from dowser import _ext
 
-        if _ext.load() is None:
+        mod = _ext.load()
+        if mod is None:
             return f"C++ extension unavailable: {_ext.info()['reason']}"
-        if not _ext.has(symbol):
-            return f"dowser._C has no {symbol}"
         if device == "cuda" and not _ext.with_cuda():
             return "dowser._C was built without CUDA"
+        if symbol is not None and not _ext.has(symbol):
+            return f"dowser._C has no {symbol}"
+        if op is not None:
+            ns, name = op.split("::")
+            if not hasattr(getattr(torch.ops, ns), name):
+                return f"dowser._C registers no {op}"
         return None
 
     return check
@@ -59,20 +87,25 @@ def _triton_unavailable(device: str) -> str | None:
 
 
 def register(op: str, backend: str, devices: tuple[str, ...], *, cpp_symbol: str | None = None,
+             cpp_op: str | None = None,
              unavailable: Callable[[str], str | None] | None = None) -> Callable:
-    """Register `fn` as `backend`'s kernel of `op` on `devices` (decorator)."""
+    """Register `fn` as `backend`'s kernel of `op` on `devices` (decorator).
+
+    cpp/cuda kernels name what they call in dowser._C: a pybind11 `cpp_symbol`, or a
+    `cpp_op` ("dowser_C::name") registered by the kernel's own source file.
+    """
     assert backend in BACKENDS, backend
     if unavailable is None:
         if backend in ("cpp", "cuda"):
-            assert cpp_symbol, "cpp/cuda kernels name the dowser._C symbol they need"
-            unavailable = _cpp_unavailable(cpp_symbol)
+            assert cpp_symbol or cpp_op, "cpp/cuda kernels name the dowser._C function they need"
+            unavailable = _cpp_unavailable(cpp_symbol, cpp_op)
         elif backend == "triton":
             unavailable = _triton_unavailable
         else:
             unavailable = lambda device: None  # noqa: E731
 
     def deco(fn: Callable) -> Callable:
-        _IMPLS.setdefault(op, {})[backend] = Impl(op, backend, fn, devices, unavailable)
+        _IMPLS.setdefault(op, {})[backend] = Impl(op, backend, fn, tuple(devices), unavailable)
         return fn
 
     return deco
@@ -111,6 +144,12 @@ def choose(op: str, device: str | torch.device) -> tuple[Impl, str]:
     raise RuntimeError(f"no usable backend for {op} on {dev}: {'; '.join(skipped)}")
 
 
+def backends(op: str) -> tuple[str, ...]:
+    """Every backend with a kernel of `op` (usable here or not), in BACKENDS order."""
+    have = _IMPLS.get(op, {})
+    return tuple(b for b in reversed(BACKENDS) if b in have)
+
+
 def implementations(op: str, device: str = "cpu") -> dict[str, Callable]:
     """Every backend of `op` usable on `device` right now (for tests and benchmarks)."""
     dev = torch.device(device).type
@@ -135,22 +174,23 @@ def backend_info() -> dict[str, dict[str, dict[str, str]]]:
     return info
 
 
-def define(op: str, schema: str, fake: Callable | None = None) -> Callable:
-    """Declare `dowser::op` once and route CPU/CUDA (and any other device) to `choose`.
-
-    Returns the torch op (``torch.ops.dowser.<op>``).
-    """
+def define(op: str, schema: str, reference: Callable, fake: Callable | None = None) -> Callable:
+    """Declare ``dowser::op`` once: schema, fake kernel and reference (which is also the
+    `reference` backend on every device). Returns the torch op (``torch.ops.dowser.<op>``)."""
     _LIB.define(f"{op}{schema}")
+    OPS[op] = OpDecl(op, schema, reference, fake, "!" in schema)
+    register(op, "reference", DEVICES)(reference)
 
     def dispatch_for(device: str) -> Callable:
         def run(*args, **kwargs):
             impl, _ = choose(op, device)
             return impl.fn(*args, **kwargs)
 
+        run.__name__ = f"{op}_{device}"
         return run
 
-    _LIB.impl(op, dispatch_for("cpu"), "CPU")
-    _LIB.impl(op, dispatch_for("cuda"), "CUDA")
+    for device in DEVICES:
+        torch.library.register_kernel(f"dowser::{op}", device, dispatch_for(device), lib=_LIB)
     _LIB.impl(op, lambda *a, **k: _IMPLS[op]["reference"].fn(*a, **k), "CompositeExplicitAutograd")
     if fake is not None:
         torch.library.register_fake(f"dowser::{op}", fake, lib=_LIB)

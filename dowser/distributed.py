@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from dowser import reference
+from dowser import _bits
 from dowser._checks import check_finite, words_for
 
 __all__ = ["is_active", "rank_and_world", "local_tensor", "local_rows", "shard_mask",
@@ -164,7 +164,7 @@ def _key_chunks(weight, psi, a, bw):
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         s = torch.ops.dowser.scores(weight[r0:r1], psi[:, r0:r1].contiguous(), a, bw)
-        yield reference.score_keys(s).reshape(-1)
+        yield _bits.score_keys(s).reshape(-1)
 
 
 def select_masks_sharded(parts: Sequence[tuple], groups: Sequence[int], ks: Sequence[int],

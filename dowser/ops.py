@@ -1,5 +1,6 @@
 """Public ops of dowser. Each call is routed by torch.library to the device's fastest backend
-(see `dowser.backend_info()`); every op has a plain-PyTorch reference in dowser.reference."""
+(see `dowser.backend_info()`); every op has a plain-PyTorch reference in dowser.reference.
+Declarations: dowser/_ops/<op>.py; kernels per backend: dowser/_ops/backends/<backend>.py."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from typing import Sequence
 import torch
 
 from dowser import _ops  # noqa: F401  (declares the ops)
-from dowser import reference
+from dowser._bits import count_trainable, key_to_float, popcount, word_offsets  # noqa: F401
 from dowser._checks import check_finite, check_float, check_packed, check_rho
 
-__all__ = ["pack_mask", "unpack_mask", "popcount", "scores", "build_mask", "score_threshold",
-           "build_masks_global"]
+__all__ = ["pack_mask", "unpack_mask", "popcount", "word_offsets", "count_trainable", "scores",
+           "build_mask", "score_threshold", "build_masks_global"]
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -37,19 +38,6 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int] | torch.Size) -> torc
     numel = math.prod(shape)
     check_packed("packed", packed, numel)
     return torch.ops.dowser.unpack_mask(packed, numel).view(shape)
-
-
-def popcount(packed: torch.Tensor) -> int:
-    """Number of set bits (trainable entries) of a packed mask."""
-    table = _POPCOUNT8.to(packed.device)
-    as_bytes = packed.contiguous().view(torch.uint8)
-    total = 0
-    for chunk in as_bytes.split(1 << 22):  # bounded temporaries for huge masks
-        total += int(table[chunk.to(torch.int64)].sum())
-    return total
-
-
-_POPCOUNT8 = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int32)
 
 
 # --- scores and exact bottom-rho masks ------------------------------------------------------
@@ -151,7 +139,7 @@ def score_threshold(weight: torch.Tensor, out_factors: torch.Tensor, in_factors:
     """
     _, stats = _select_one(weight, out_factors, in_factors, rho, batch_weights)
     key, below, ties = (int(v) for v in stats.tolist())
-    return reference.key_to_float(key), below, ties
+    return key_to_float(key), below, ties
 
 
 def build_masks_global(layers: Sequence[_Layer], rho: float) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from dowser import _ops  # noqa: F401  (declares the ops)
-from dowser import reference
+from dowser import _bits
 from dowser._checks import check_packed
 from dowser.distributed import local_rows, local_tensor, shard_mask
 
@@ -93,7 +93,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         """Number of trainable entries of `p` (all of them when it has no mask)."""
         if p not in self._counts:
             mask = self._masks.get(p)
-            k = local_tensor(p).numel() if mask is None else reference.count_trainable(mask, self._word_offsets(p))
+            k = local_tensor(p).numel() if mask is None else _bits.count_trainable(mask, self._word_offsets(p))
             if mask is not None and self.compact_state and k > _MAX_COMPACT:
                 raise ValueError(f"{self._name(p)}: {k} trainable entries exceed the compact "
                                  "state's int32 index; use compact_state=False")
@@ -105,7 +105,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         if mask is None or not self.compact_state:
             return None
         if p not in self._offsets:  # once per mask: per-word popcount prefix sums
-            self._offsets[p] = reference.word_offsets(mask)
+            self._offsets[p] = _bits.word_offsets(mask)
         return self._offsets[p]
 
     def _state_shape(self, p: torch.Tensor) -> tuple[int, ...]:

@@ -1,7 +1,8 @@
 """Plain-PyTorch oracles, one per op: the fallback backend and the ground truth of every test.
 
 Written for clarity, not speed or memory; every kernel must agree with these bit for bit
-(masks) or within stated tolerances (floating-point results).
+(masks) or within stated tolerances (floating-point results). Nothing at runtime imports
+helpers from here: shared definitions (score keys, word offsets) live in dowser/_bits.py.
 """
 
 from __future__ import annotations
@@ -9,6 +10,10 @@ from __future__ import annotations
 import math
 
 import torch
+
+# Definitions the oracles share with the runtime (re-exported for the tests' convenience).
+from dowser._bits import (count_trainable, key_to_float, score_factors, score_keys,  # noqa: F401
+                          word_offsets)
 
 _SHIFTS = torch.arange(32, dtype=torch.int64)
 
@@ -110,18 +115,11 @@ def authors_probe_loop(model, batches, targets, xis, estimator: str = "l1"):
     model.train(was_training)
     return {n: s / total_w for n, s in sums.items()}
 
+
 # --- scores and bottom-rho selection (issue 4) -------------------------------------------------
 # S = |W| * (Psi^T diag(w) A) / sum(w). Every backend starts from the same fp32 factors
 # (`score_factors`), then may sum over the batch in its own order; a backend's mask must equal
 # `select_from_scores` applied to that backend's own materialised scores.
-
-
-def score_factors(out_factors: torch.Tensor, in_factors: torch.Tensor,
-                  batch_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row factors (B, d_out) = Psi * w / sum(w), column factors (B, d_in)), both fp32."""
-    w = batch_weights.to(torch.float32)
-    wn = w / w.sum()
-    return out_factors.to(torch.float32) * wn[:, None], in_factors.to(torch.float32)
 
 
 def scores(weight: torch.Tensor, out_factors: torch.Tensor, in_factors: torch.Tensor,
@@ -137,22 +135,6 @@ def scores64(weight: torch.Tensor, out_factors: torch.Tensor, in_factors: torch.
     w = batch_weights.to(torch.float64)
     r = (out_factors.to(torch.float64) * w[:, None]).t() @ in_factors.to(torch.float64)
     return weight.abs().to(torch.float64) * r / w.sum()
-
-
-def score_keys(s: torch.Tensor) -> torch.Tensor:
-    """Order-preserving unsigned 32-bit keys (as int64) of fp32 scores; -0.0 maps like +0.0."""
-    s = s.reshape(-1).to(torch.float32)
-    s = torch.where(s == 0, torch.zeros_like(s), s).contiguous()
-    bits = s.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return torch.where(bits >= 2**31, bits ^ 0xFFFFFFFF, bits | 2**31)
-
-
-def key_to_float(key: int) -> float:
-    """Inverse of `score_keys` for one key (-1 -> -inf: nothing selected)."""
-    if key < 0:
-        return float("-inf")
-    bits = (key & 0x7FFFFFFF) if key >= 2**31 else (key ^ 0xFFFFFFFF)
-    return float(torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32))
 
 
 def select_from_scores(s: torch.Tensor | list[torch.Tensor], k: int
@@ -172,9 +154,9 @@ def select_from_scores(s: torch.Tensor | list[torch.Tensor], k: int
     if k:
         t = int(keys[order[k - 1]])
         below = int((keys < t).sum())
-        stats = torch.tensor([t, below, k - below], dtype=torch.int64)
+        stats = torch.tensor([t, below, k - below], dtype=torch.int64, device=keys.device)
     else:
-        stats = torch.tensor([-1, 0, 0], dtype=torch.int64)
+        stats = torch.tensor([-1, 0, 0], dtype=torch.int64, device=keys.device)
     masks, start = [], 0
     for p in parts:
         masks.append(pack_mask(flat[start:start + p.numel()]))
@@ -197,35 +179,6 @@ def select_masks_global(weights: list[torch.Tensor], out_factors: list[torch.Ten
 
 
 # ---- masked optimizer steps (issue 5) ---------------------------------------------------------
-
-_POPCOUNT8 = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int32)
-
-
-def word_offsets(packed: torch.Tensor) -> torch.Tensor:
-    """Exclusive prefix sum of the per-word popcounts of a packed mask (int32, one per word):
-    the compact-state index of the first trainable entry of each word."""
-    table = _POPCOUNT8.to(packed.device)
-    words = packed.contiguous()
-    out = torch.empty(words.numel(), dtype=torch.int32, device=packed.device)
-    carry = 0
-    for start in range(0, words.numel(), 1 << 14):  # bounded temporaries (~1 MB) for huge masks
-        chunk = words[start:start + (1 << 14)]
-        counts = table[chunk.view(torch.uint8).to(torch.int64)].view(-1, 4).sum(dim=1, dtype=torch.int64)
-        incl = torch.cumsum(counts, 0) + carry
-        out[start:start + chunk.numel()] = (incl - counts).to(torch.int32)
-        carry = int(incl[-1])
-    return out
-
-
-def count_trainable(packed: torch.Tensor, offsets: torch.Tensor | None = None) -> int:
-    """Number of set bits of a packed mask (from its word offsets when given)."""
-    if packed.numel() == 0:
-        return 0
-    if offsets is None:
-        offsets = word_offsets(packed)
-    last = int(packed[-1].item()) & 0xFFFFFFFF
-    return int(offsets[-1].item()) + bin(last).count("1")
-
 
 def _trainable_index(param: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if mask is None else unpack_mask(mask, param.numel())

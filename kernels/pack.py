@@ -6,10 +6,12 @@ import torch
 import triton
 import triton.language as tl
 
+from dowser.kernels._launch import launch
+
 WORDS_PER_PROGRAM = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "n_words"])
 def _pack_kernel(src_ptr, out_ptr, n, n_words, WORDS: tl.constexpr):
     pid = tl.program_id(0)
     words = pid * WORDS + tl.arange(0, WORDS)
@@ -21,7 +23,7 @@ def _pack_kernel(src_ptr, out_ptr, n, n_words, WORDS: tl.constexpr):
     tl.store(out_ptr + words, packed, mask=words < n_words)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "n_words"])
 def _unpack_kernel(packed_ptr, out_ptr, n, n_words, WORDS: tl.constexpr):
     pid = tl.program_id(0)
     words = pid * WORDS + tl.arange(0, WORDS)
@@ -38,8 +40,8 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     n_words = (n + 31) // 32
     out = torch.empty(n_words, dtype=torch.int32, device=mask.device)
     if n_words:
-        _pack_kernel[(triton.cdiv(n_words, WORDS_PER_PROGRAM),)](flat, out, n, n_words,
-                                                                  WORDS=WORDS_PER_PROGRAM)
+        launch(_pack_kernel, (triton.cdiv(n_words, WORDS_PER_PROGRAM),), flat, out, n, n_words,
+               WORDS=WORDS_PER_PROGRAM)
     return out
 
 
@@ -48,6 +50,6 @@ def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
     out = torch.empty(numel, dtype=torch.int8, device=packed.device)
     n_words = packed.numel()
     if n_words:
-        _unpack_kernel[(triton.cdiv(n_words, WORDS_PER_PROGRAM),)](packed, out, numel, n_words,
-                                                                    WORDS=WORDS_PER_PROGRAM)
+        launch(_unpack_kernel, (triton.cdiv(n_words, WORDS_PER_PROGRAM),), packed, out, numel,
+               n_words, WORDS=WORDS_PER_PROGRAM)
     return out.view(torch.bool)

@@ -19,16 +19,49 @@ import torch
 import triton
 import triton.language as tl
 
+from dowser.kernels._launch import launch
+
 WORDS = 32  # mask words per program: a block of WORDS * 32 flat entries
+
+# Weight layouts (a constexpr of every kernel): the stride that is 1 is known at compile time,
+# so loads along it coalesce; the other stride and every shape are runtime values
+# (do_not_specialize), so a new shape never triggers a new compile.
+GENERAL, ROW_MAJOR, COL_MAJOR = 0, 1, 2
+# Runtime integer arguments of the kernels: never specialised on (value 1, divisibility by 16).
+RUNTIME_INTS = ["s0", "s1", "d_out", "d_in", "B", "n", "n_ct"]
+
+
+def weight_layout(weight: torch.Tensor) -> int:
+    """ROW_MAJOR when stride(1) == 1, COL_MAJOR when stride(0) == 1, else GENERAL (a dimension
+    of size 1 may have any stride: it never contributes to an offset)."""
+    s0, s1 = weight.stride()
+    if s1 == 1 or weight.shape[1] <= 1:
+        return ROW_MAJOR
+    if s0 == 1 or weight.shape[0] <= 1:
+        return COL_MAJOR
+    return GENERAL
 
 
 @triton.jit
-def score_block(w_ptr, s0, s1, p_ptr, a_ptr, d_out, d_in, B, f, valid):
+def w_offsets(row, col, s0, s1, LAYOUT: tl.constexpr):
+    """Element offsets of W[row, col] for the weight layout."""
+    if LAYOUT == 1:
+        off = row * s0 + col
+    elif LAYOUT == 2:
+        off = row + col * s1
+    else:
+        off = row * s0 + col * s1
+    return off
+
+
+@triton.jit
+def score_block(w_ptr, s0, s1, p_ptr, a_ptr, d_out, d_in, B, f, valid, LAYOUT: tl.constexpr):
     """Scores of flat indices `f` (int64, any shape) where `valid`; 0 elsewhere."""
     row = f // d_in
     col = f % d_in
     # Upcast before any arithmetic (the interpreter treats bf16 as raw uint16).
-    w = tl.abs(tl.load(w_ptr + row * s0 + col * s1, mask=valid, other=0.0).to(tl.float32))
+    w = tl.abs(tl.load(w_ptr + w_offsets(row, col, s0, s1, LAYOUT), mask=valid,
+                       other=0.0).to(tl.float32))
     acc = tl.load(p_ptr + row, mask=valid, other=0.0) * tl.load(a_ptr + col, mask=valid, other=0.0)
     for b in range(1, B):
         p = tl.load(p_ptr + b * d_out + row, mask=valid, other=0.0)
@@ -47,7 +80,7 @@ def use_tiles(weight: torch.Tensor) -> bool:
 
 @triton.jit
 def score_tile(w_ptr, s0, s1, p_ptr, a_ptr, d_out, d_in, B, rows, cols,
-               BM: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr):
+               BM: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr, LAYOUT: tl.constexpr):
     """Scores of the tile rows x cols ((BM,), (BN,) int64 index vectors); 0 outside."""
     rmask = rows < d_out
     cmask = cols < d_in
@@ -62,16 +95,18 @@ def score_tile(w_ptr, s0, s1, p_ptr, a_ptr, d_out, d_in, B, rows, cols,
                     other=0.0)
         acc += tl.dot(p, a, input_precision="ieee")
     m = rmask[:, None] & cmask[None, :]
-    w = tl.load(w_ptr + rows[:, None] * s0 + cols[None, :] * s1, mask=m, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + w_offsets(rows[:, None], cols[None, :], s0, s1, LAYOUT), mask=m,
+                other=0.0).to(tl.float32)
     return tl.abs(w) * acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _scores_tile_kernel(w_ptr, s0, s1, p_ptr, a_ptr, out_ptr, d_out, d_in, B,
-                        BM: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr):
+                        BM: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr,
+                        LAYOUT: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
-    s = score_tile(w_ptr, s0, s1, p_ptr, a_ptr, d_out, d_in, B, rows, cols, BM, BN, BB)
+    s = score_tile(w_ptr, s0, s1, p_ptr, a_ptr, d_out, d_in, B, rows, cols, BM, BN, BB, LAYOUT)
     tl.store(out_ptr + rows[:, None] * d_in + cols[None, :], s,
              mask=(rows < d_out)[:, None] & (cols < d_in)[None, :])
 
@@ -84,13 +119,13 @@ def score_key(s):
     return tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _scores_kernel(w_ptr, s0, s1, p_ptr, a_ptr, out_ptr, d_out, d_in, B, n,
-                   WORDS: tl.constexpr):
+                   WORDS: tl.constexpr, LAYOUT: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     f = (pid * WORDS + tl.arange(0, WORDS))[:, None] * 32 + tl.arange(0, 32)[None, :]
     valid = f < n
-    s = score_block(w_ptr, s0, s1, p_ptr, a_ptr, d_out, d_in, B, f, valid)
+    s = score_block(w_ptr, s0, s1, p_ptr, a_ptr, d_out, d_in, B, f, valid, LAYOUT)
     tl.store(out_ptr + f, s, mask=valid)
 
 
@@ -102,11 +137,11 @@ def scores(weight: torch.Tensor, pw: torch.Tensor, a: torch.Tensor) -> torch.Ten
     if n and use_tiles(weight):
         pw, a = pw.contiguous(), a.contiguous()
         grid2 = (triton.cdiv(d_out, BM), triton.cdiv(d_in, BN))
-        _scores_tile_kernel[grid2](weight, weight.stride(0), weight.stride(1), pw, a, out, d_out,
-                                   d_in, pw.shape[0], BM=BM, BN=BN, BB=BB)
+        launch(_scores_tile_kernel, grid2, weight, weight.stride(0), weight.stride(1), pw, a, out,
+               d_out, d_in, pw.shape[0], BM=BM, BN=BN, BB=BB, LAYOUT=weight_layout(weight))
     elif n:
         pw, a = pw.contiguous(), a.contiguous()
         grid = (triton.cdiv(n, WORDS * 32),)
-        _scores_kernel[grid](weight, weight.stride(0), weight.stride(1), pw, a, out, d_out, d_in,
-                             pw.shape[0], n, WORDS=WORDS)
+        launch(_scores_kernel, grid, weight, weight.stride(0), weight.stride(1), pw, a, out, d_out,
+               d_in, pw.shape[0], n, WORDS=WORDS, LAYOUT=weight_layout(weight))
     return out

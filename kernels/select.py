@@ -1,14 +1,24 @@
 """Exact bottom-k selection into packed masks by radix passes over recomputed score blocks.
 
-Passes (each recomputes its scores with kernels/score.py `score_block`, nothing is stored):
-  1. histogram of the top 16 bits of each score's order-preserving key (global atomics into
-     65536 int32 bins per layer);
-  2. histogram of the low 16 bits inside the threshold bin -> threshold key T and the count
-     strictly below it;
-  3. ties (key == T) per block (per row and column tile for 2-D tiles), then an exclusive scan
-     over these counts in flat (layer, index) order;
-  4. write whole words: bit = key < T or (key == T and tie rank < k - count below).
-Memory: the histograms, one count per block (n / 1024) and the output words.
+Every pass recomputes its scores with kernels/score.py (`score_block` / `score_tile`), so
+nothing of size d_out x d_in is ever stored. Keys are the order-preserving uint32 keys of the
+fp32 scores, selected in three 11/11/10-bit digits (as CUB and RAFT do):
+  HIST (x3)  each program builds a private histogram of one digit (`tl.histogram`, 2048 bins,
+             of the entries whose higher digits equal the prefix chosen so far) and merges it
+             into the global bins with relaxed atomics, only for bins it actually touched:
+             no per-element global atomic, no fence, and integer sums are order-free, so the
+             result is deterministic. The bin holding the k-th entry is found on the device.
+  TIES       ties (key == T) per block (per row and column tile for 2-D tiles), only when some
+             ties at T must be left out; otherwise its loads are masked off (no traffic).
+  WRITE      whole words: bit = key < T or (key == T and tie rank < k - count below), the rank
+             from an exclusive scan of the TIES counts in flat (layer, index) order.
+The threshold state (prefix, T, count below, ties needed) lives in a small device tensor that
+the kernels read and a one-program kernel updates after each HIST pass (`_find_bin_kernel`:
+one launch, not a string of small torch ops), so a selection makes no host synchronisation; the only integer
+arguments are shapes and strides, marked do_not_specialize (one compile per dtype, layout and
+mode, whatever the shapes, B or k).
+Memory: a 2048-bin histogram, one count per block (n / 1024 or d_out * d_in / 128) and the
+output words.
 """
 
 from __future__ import annotations
@@ -17,34 +27,94 @@ import torch
 import triton
 import triton.language as tl
 
-from dowser.kernels.score import BB, BM, BN, WORDS, score_block, score_key, score_tile, use_tiles
+from dowser.kernels._launch import launch
+from dowser.kernels.score import (BB, BM, BN, RUNTIME_INTS, WORDS, score_block, score_key,
+                                  score_tile, use_tiles, weight_layout)
 
-NBINS = 1 << 16
+NB = 2048  # bins per digit (11 bits)
+# (shift of the digit, mask of the higher bits that must equal the prefix) per HIST pass.
+DIGITS = ((21, 0x00000000), (10, 0xFFE00000), (0, 0xFFFFFC00))
+HIST, TIES, WRITE = 0, 1, 2
+# Device control words (int64): what the passes read -- prefix so far, mask of its bits, shift
+# of the digit, threshold key T, ties needed, whether some tie must be left out -- and the
+# bin search's state -- rank still wanted inside the bin, count strictly below.
+_PREFIX, _PMASK, _SHIFT, _T, _NEED, _RANKED, _LEFT, _BELOW = range(8)
+
+
+def _signed32(x: int) -> int:
+    # Masks travel as signed 32-bit values (one argument type for every pass: one compile).
+    return x - (1 << 32) if x >= 1 << 31 else x
+
+
+@triton.jit(do_not_specialize=["shift", "next_shift", "next_pmask"])
+def _find_bin_kernel(hist_ptr, ctl_ptr, shift, next_shift, next_pmask, NB: tl.constexpr):
+    """One program: the bin of the histogram holding the wanted rank, the control words for
+    the next pass (or T, ties needed and the TIES flag after the last), and the bins zeroed."""
+    bins = tl.arange(0, NB)
+    h = tl.load(hist_ptr + bins)
+    cum = tl.cumsum(h, axis=0)
+    left = tl.load(ctl_ptr + 6)
+    lower_bins = cum < left  # cum is non-decreasing: these are the bins before the wanted one
+    b = tl.sum(lower_bins.to(tl.int64), axis=0)
+    lower = tl.max(tl.where(lower_bins, cum, 0), axis=0)
+    in_bin = tl.sum(tl.where(bins == b, h, 0), axis=0)
+    prefix = tl.load(ctl_ptr + 0) | (b << shift)
+    left = left - lower
+    tl.store(ctl_ptr + 0, prefix)
+    tl.store(ctl_ptr + 1, next_pmask.to(tl.int64))
+    tl.store(ctl_ptr + 2, next_shift.to(tl.int64))
+    tl.store(ctl_ptr + 3, prefix)  # T, once the last digit is in
+    tl.store(ctl_ptr + 4, left)  # ties at T still to take
+    tl.store(ctl_ptr + 5, (left < in_bin).to(tl.int64))
+    tl.store(ctl_ptr + 6, left)
+    tl.store(ctl_ptr + 7, tl.load(ctl_ptr + 7) + lower)
+    tl.store(hist_ptr + bins, tl.zeros_like(h))
 
 
 @triton.jit
+def _histogram_merge(key, valid, ctl_ptr, hist_ptr, SIZE: tl.constexpr, NB: tl.constexpr):
+    """Per-program histogram of one digit of the keys in the current prefix bin, merged into
+    the global int64 bins with relaxed atomics (one per bin this program touched)."""
+    pre = tl.load(ctl_ptr + 0).to(tl.uint32)
+    pmask = tl.load(ctl_ptr + 1).to(tl.uint32)
+    shift = tl.load(ctl_ptr + 2).to(tl.uint32)
+    inbin = valid & ((key & pmask) == pre)
+    digit = tl.where(inbin, (key >> shift) & (NB - 1), 0).to(tl.int32)
+    h = tl.histogram(tl.reshape(digit, (SIZE,)), NB)
+    # Entries outside the bin were counted as digit 0: take them back out.
+    outside = SIZE - tl.sum(tl.reshape(inbin.to(tl.int32), (SIZE,)), axis=0)
+    bins = tl.arange(0, NB)
+    h = h - tl.where(bins == 0, outside, 0)
+    tl.atomic_add(hist_ptr + bins, h.to(tl.int64), mask=h > 0, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _pass_kernel(w_ptr, s0, s1, p_ptr, a_ptr, d_out, d_in, B, n,
-                 hist_ptr, block_ptr, out_ptr, hi, T, prefix_ptr, need,
-                 MODE: tl.constexpr, WORDS: tl.constexpr):
+                 ctl_ptr, hist_ptr, block_ptr, prefix_ptr, out_ptr,
+                 MODE: tl.constexpr, WORDS: tl.constexpr, NB: tl.constexpr,
+                 LAYOUT: tl.constexpr):
+    # Flat blocks of WORDS x 32 row-major indices: a program owns whole mask words.
     pid = tl.program_id(0).to(tl.int64)
     word = pid * WORDS + tl.arange(0, WORDS)
     f = word[:, None] * 32 + tl.arange(0, 32)[None, :]
-    valid = f < n
-    key = score_key(score_block(w_ptr, s0, s1, p_ptr, a_ptr, d_out, d_in, B, f, valid))
-    ones = tl.full(f.shape, 1, tl.int32)
-    if MODE == 0:  # histogram of the top 16 bits
-        tl.atomic_add(hist_ptr + (key >> 16).to(tl.int32), ones, mask=valid)
-    elif MODE == 1:  # histogram of the low 16 bits inside bin `hi`
-        inbin = valid & ((key >> 16).to(tl.int32) == hi)
-        tl.atomic_add(hist_ptr + (key & 0xFFFF).to(tl.int32), ones, mask=inbin)
-    elif MODE == 2:  # ties per block
+    live = n
+    if MODE == 1:  # no tie has to be left out: nothing is live, so no load is issued
+        live = tl.where(tl.load(ctl_ptr + 5) != 0, n, 0)
+    valid = f < live
+    key = score_key(score_block(w_ptr, s0, s1, p_ptr, a_ptr, d_out, d_in, B, f, valid, LAYOUT))
+    if MODE == 0:
+        _histogram_merge(key, valid, ctl_ptr, hist_ptr, WORDS * 32, NB)
+    elif MODE == 1:  # ties per block
+        T = tl.load(ctl_ptr + 3).to(tl.uint32)
         tie = (valid & (key == T)).to(tl.int32)
         tl.store(block_ptr + pid, tl.sum(tl.sum(tie, axis=1), axis=0))
     else:  # write the words
+        T = tl.load(ctl_ptr + 3).to(tl.uint32)
+        need = tl.load(ctl_ptr + 4)
         tie = (valid & (key == T)).to(tl.int32)
         per_word = tl.sum(tie, axis=1)
         before_word = tl.cumsum(per_word, axis=0) - per_word
-        rank = tl.load(prefix_ptr + pid) + before_word[:, None] + tl.cumsum(tie, axis=1) - 1
+        rank = tl.load(prefix_ptr + pid) + (before_word[:, None] + tl.cumsum(tie, axis=1) - 1)
         on = valid & ((key < T) | ((tie != 0) & (rank < need)))
         bits = on.to(tl.int32) << tl.arange(0, 32)[None, :]
         # Disjoint bits: the sum is an OR (and wraps into the sign bit exactly like one).
@@ -52,29 +122,33 @@ def _pass_kernel(w_ptr, s0, s1, p_ptr, a_ptr, d_out, d_in, B, n,
         tl.store(out_ptr + word, packed, mask=word < tl.cdiv(n, 32))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def _pass_tile_kernel(w_ptr, s0, s1, p_ptr, a_ptr, d_out, d_in, B, n_ct,
-                      hist_ptr, block_ptr, out_ptr, hi, T, prefix_ptr, need,
-                      MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr):
+                      ctl_ptr, hist_ptr, block_ptr, prefix_ptr, out_ptr,
+                      MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr,
+                      NB: tl.constexpr, LAYOUT: tl.constexpr):
     # Tiles of BM rows x BN columns, d_in % 32 == 0: a row's 32 aligned columns are one word.
     pid_n = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     cols = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
-    valid = (rows < d_out)[:, None] & (cols < d_in)[None, :]
-    key = score_key(score_tile(w_ptr, s0, s1, p_ptr, a_ptr, d_out, d_in, B, rows, cols, BM, BN, BB))
-    ones = tl.full((BM, BN), 1, tl.int32)
+    live_rows = d_out
+    if MODE == 1:  # no tie has to be left out: no row is live, so no load is issued
+        live_rows = tl.where(tl.load(ctl_ptr + 5) != 0, d_out, 0)
+    valid = (rows < live_rows)[:, None] & (cols < d_in)[None, :]
+    key = score_key(score_tile(w_ptr, s0, s1, p_ptr, a_ptr, live_rows, d_in, B, rows, cols,
+                               BM, BN, BB, LAYOUT))
     if MODE == 0:
-        tl.atomic_add(hist_ptr + (key >> 16).to(tl.int32), ones, mask=valid)
-    elif MODE == 1:
-        inbin = valid & ((key >> 16).to(tl.int32) == hi)
-        tl.atomic_add(hist_ptr + (key & 0xFFFF).to(tl.int32), ones, mask=inbin)
-    elif MODE == 2:  # ties per (row, column tile): row-major over these is flat order
+        _histogram_merge(key, valid, ctl_ptr, hist_ptr, BM * BN, NB)
+    elif MODE == 1:  # ties per (row, column tile): row-major over these is flat order
+        T = tl.load(ctl_ptr + 3).to(tl.uint32)
         tie = (valid & (key == T)).to(tl.int32)
         tl.store(block_ptr + rows * n_ct + pid_n, tl.sum(tie, axis=1), mask=rows < d_out)
     else:
+        T = tl.load(ctl_ptr + 3).to(tl.uint32)
+        need = tl.load(ctl_ptr + 4)
         tie = (valid & (key == T)).to(tl.int32)
         before = tl.load(prefix_ptr + rows * n_ct + pid_n, mask=rows < d_out, other=0)
-        rank = before[:, None] + tl.cumsum(tie, axis=1) - 1
+        rank = before[:, None] + (tl.cumsum(tie, axis=1) - 1)
         on = valid & ((key < T) | ((tie != 0) & (rank < need)))
         bits = on.to(tl.int32) << (tl.arange(0, BN) % 32)[None, :]
         packed = tl.sum(tl.reshape(bits, (BM, BN // 32, 32)), axis=2)
@@ -91,33 +165,26 @@ def _counts_len(w: torch.Tensor) -> int:
     return triton.cdiv(w.numel(), WORDS * 32)
 
 
-def _launch(layer, mode, hist, block, out, hi=0, T=0, prefix=None, need=0):
+def _launch(layer, mode: int, ctl: torch.Tensor, hist: torch.Tensor, block=None, prefix=None,
+            out=None) -> None:
     w, pw, a = layer
-    n = w.numel()
-    if n == 0:
+    if w.numel() == 0:
         return
+    # Unused pointer arguments get a live tensor of the right dtype (never dereferenced).
+    block = hist if block is None else block
+    prefix = hist if prefix is None else prefix
+    out = hist if out is None else out
+    layout = weight_layout(w)
     if use_tiles(w):
         n_ct = triton.cdiv(w.shape[1], BN)
-        dummy = hist if hist is not None else out
-        _pass_tile_kernel[(triton.cdiv(w.shape[0], BM), n_ct)](
-            w, w.stride(0), w.stride(1), pw, a, w.shape[0], w.shape[1], pw.shape[0], n_ct,
-            dummy if hist is None else hist, block if block is not None else dummy,
-            out if out is not None else dummy, hi, T, prefix if prefix is not None else dummy,
-            need, MODE=mode, BM=BM, BN=BN, BB=BB)
-        return
-    grid = (triton.cdiv(n, WORDS * 32),)
-    dummy = hist if hist is not None else out
-    _pass_kernel[grid](w, w.stride(0), w.stride(1), pw, a, w.shape[0], w.shape[1], pw.shape[0], n,
-                       dummy if hist is None else hist, block if block is not None else dummy,
-                       out if out is not None else dummy, hi, T,
-                       prefix if prefix is not None else dummy, need, MODE=mode, WORDS=WORDS)
-
-
-def _find_bin(counts: torch.Tensor, k: int) -> tuple[int, int]:
-    """The bin holding the k-th entry (1-based) and the count of entries in lower bins."""
-    cum = torch.cumsum(counts, 0)
-    b = int(torch.searchsorted(cum, torch.tensor([k], dtype=cum.dtype, device=cum.device)).item())
-    return b, int(cum[b - 1]) if b else 0
+        launch(_pass_tile_kernel, (triton.cdiv(w.shape[0], BM), n_ct),
+               w, w.stride(0), w.stride(1), pw, a, w.shape[0], w.shape[1], pw.shape[0], n_ct,
+               ctl, hist, block, prefix, out, MODE=mode, BM=BM, BN=BN, BB=BB, NB=NB,
+               LAYOUT=layout)
+    else:
+        launch(_pass_kernel, (triton.cdiv(w.numel(), WORDS * 32),),
+               w, w.stride(0), w.stride(1), pw, a, w.shape[0], w.shape[1], pw.shape[0], w.numel(),
+               ctl, hist, block, prefix, out, MODE=mode, WORDS=WORDS, NB=NB, LAYOUT=layout)
 
 
 def select_masks(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], k: int
@@ -125,7 +192,8 @@ def select_masks(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], 
     """layers: (weight, row factors (B, d_out) scaled by w / sum(w), column factors (B, d_in)).
 
     Returns the packed masks of the k lowest scores over all layers (ties by layer, then flat
-    index) and int64 stats [threshold key, count below, ties taken] (key -1 when k = 0).
+    index) and int64 stats [threshold key, count below, ties taken] (key -1 when k = 0), on
+    the layers' device. No host synchronisation.
     """
     layers = [(w, pw.contiguous(), a.contiguous()) for w, pw, a in layers]
     device = layers[0][0].device if layers else torch.device("cpu")
@@ -135,32 +203,25 @@ def select_masks(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], 
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}], got {k}")
     if k == 0:
-        return outs, torch.tensor([-1, 0, 0], dtype=torch.int64)
-    hist = torch.zeros(NBINS, dtype=torch.int32, device=device)
-    total = torch.zeros(NBINS, dtype=torch.int64, device=device)
-    for layer in layers:  # int32 bins per layer (< 2^31 entries each), summed in int64
-        hist.zero_()
-        _launch(layer, 0, hist, None, None)
-        total += hist
-    hi, below = _find_bin(total, k)
-    total.zero_()
-    for layer in layers:
-        hist.zero_()
-        _launch(layer, 1, hist, None, None, hi=hi)
-        total += hist
-    lo, below_lo = _find_bin(total, k - below)
-    T = (hi << 16) | lo
-    count_lt = below + below_lo
-    need = k - count_lt
-    t_arg = T - (1 << 32) if T >= 1 << 31 else T  # passed as a signed 32-bit scalar
-    blocks = [torch.zeros(_counts_len(w), dtype=torch.int32, device=device) for w, _, _ in layers]
+        return outs, torch.tensor([-1, 0, 0], dtype=torch.int64, device=device)
+    # Filled in place (no host-to-device copy, no synchronisation).
+    ctl = torch.zeros(8, dtype=torch.int64, device=device)
+    ctl[_SHIFT] = DIGITS[0][0]
+    ctl[_LEFT] = k
+    hist = torch.zeros(NB, dtype=torch.int64, device=device)
+    for i, (shift, _) in enumerate(DIGITS):
+        for layer in layers:
+            _launch(layer, HIST, ctl, hist)
+        next_shift, next_pmask = DIGITS[i + 1] if i + 1 < len(DIGITS) else (0, 0)
+        launch(_find_bin_kernel, (1,), hist, ctl, shift, next_shift, _signed32(next_pmask), NB=NB)
+    blocks = [torch.zeros(_counts_len(w), dtype=torch.int64, device=device) for w, _, _ in layers]
     for layer, block in zip(layers, blocks):
-        _launch(layer, 2, None, block, None, T=t_arg)
-    counts = torch.cat(blocks).to(torch.int64) if blocks else torch.zeros(0, dtype=torch.int64)
+        _launch(layer, TIES, ctl, hist, block=block)
+    counts = torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.int64, device=device)
     prefix_all = torch.cumsum(counts, 0) - counts  # exclusive scan in (layer, index) order
     start = 0
     for layer, block, out in zip(layers, blocks, outs):
-        prefix = prefix_all[start:start + block.numel()].contiguous()
+        pre = prefix_all[start:start + block.numel()]
         start += block.numel()
-        _launch(layer, 3, None, None, out, T=t_arg, prefix=prefix, need=need)
-    return outs, torch.tensor([T, count_lt, need], dtype=torch.int64)
+        _launch(layer, WRITE, ctl, hist, prefix=pre, out=out)
+    return outs, torch.stack([ctl[_T], ctl[_BELOW], ctl[_NEED]])

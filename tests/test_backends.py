@@ -108,3 +108,60 @@ def test_cli_info_and_selfcheck():
                               text=True, cwd=ROOT, timeout=300)
         assert proc.returncode == 0, proc.stderr
     assert "pack_mask" in proc.stdout and "ok" in proc.stdout
+    listed = {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
+    assert set(_registry.OPS) <= listed, f"selfcheck misses {set(_registry.OPS) - listed}"
+
+
+def test_selfcheck_covers_every_op_and_backend():
+    rows = dowser.selfcheck()
+    assert {r["op"] for r in rows} == set(_registry.OPS)
+    for op in _registry.OPS:
+        assert {r["backend"] for r in rows if r["op"] == op} == set(_registry.implementations(op, "cpu"))
+
+
+def test_backends_come_from_the_registry():
+    """Every op has its reference; kernels are registered per device by the backend modules."""
+    for op, decl in _registry.OPS.items():
+        assert _registry.backends(op)[0] == "reference"
+        assert _registry._IMPLS[op]["reference"].fn is decl.reference
+        for backend in _registry.backends(op):
+            assert set(_registry._IMPLS[op][backend].devices) <= set(_registry.DEVICES)
+    assert _registry.backends("count_nonfinite") == ("reference", "cpp", "cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_selfcheck_uses_the_gpu_kernels():
+    """On a GPU: every op's CUDA-side backends agree with the reference, and the hot-path ops
+    run their GPU kernels (not the reference)."""
+    rows = dowser.selfcheck("cuda")
+    got = {(r["op"], r["backend"]) for r in rows}
+    for op in ("count_nonfinite", "masked_adamw_step", "masked_sgd_step"):
+        assert (op, "cuda") in got, op
+    for op in ("scores", "select_mask", "select_masks_global", "pack_mask", "unpack_mask"):
+        assert (op, "triton") in got, op
+    info = dowser.backend_info()
+    assert all(info[op]["cuda"]["backend"] != "reference" for op in _registry.OPS), info
+
+
+@pytest.mark.gpu
+def test_hot_path_ops_do_not_synchronise():
+    """The masked steps, count_nonfinite and a mask build issue no host synchronisation
+    (torch's sync debug mode turns any into an error)."""
+    import importlib
+
+    import torch
+
+    sc = importlib.import_module("dowser.selfcheck")
+    calls = {op: sc.inputs(op, "cuda") for op in ("count_nonfinite", "masked_adamw_step",
+                                                  "masked_sgd_step", "select_mask",
+                                                  "select_masks_global")}
+    for op, args in calls.items():  # warm up (Triton compiles, allocator)
+        getattr(torch.ops.dowser, op)(*sc.inputs(op, "cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for op, args in calls.items():
+            getattr(torch.ops.dowser, op)(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import dowser
+from dowser import _registry
 from dowser import reference
 from dowser.ops import pack_mask
 from tests.conftest import backend_fn
 
-BACKENDS = ["reference", "cpp", "cuda"]
+BACKENDS = _registry.backends("masked_adamw_step")  # every registered backend
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Relative tolerance vs torch's dense optimizer. dowser does fp32 math with fp32 state and
 # rounds bf16/fp16 parameters once per step; the dense oracle is torch's optimizer on an fp32

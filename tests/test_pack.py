@@ -4,11 +4,12 @@ import pytest
 import torch
 
 import dowser
+from dowser import _registry
 from dowser import reference
 from dowser.ops import pack_mask, popcount, unpack_mask
 from tests.conftest import backend_fn
 
-BACKENDS = ["reference", "cpp", "triton"]
+BACKENDS = _registry.backends("pack_mask")  # every registered backend (unusable: skipped)
 SHAPES = [(0,), (1,), (1, 1), (31,), (32,), (33,), (1, 97), (33, 97), (5, 7, 3), (64, 65), (4099,)]
 
 

@@ -13,11 +13,13 @@ import pytest
 import torch
 
 import dowser
+from dowser import _registry
 from dowser import ops, reference
 from tests.conftest import backend_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKENDS = ["reference", "cpp", "cpp-radix", "triton"]
+# Every registered backend (unusable ones skip), plus the cpp backend forced onto its radix path.
+BACKENDS = [*_registry.backends("select_mask")] + (["cpp-radix"] if "cpp" in _registry.backends("select_mask") else [])
 RHOS = [0.0, 1e-6, 0.1, 0.5, 1.0]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -330,3 +332,28 @@ def test_cuda_memory_never_materialises():
     extra = torch.cuda.max_memory_allocated() - before
     assert ops.popcount(m) == _k(0.1, w.numel())
     assert extra < 0.10 * w.numel() * 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_split_inside_tiles_and_across_layers(backend, device, monkeypatch):
+    """Few distinct scores on the 2-D tile path (d_in % 32 == 0), row-major, transposed and
+    strided: the threshold's ties are split inside a tile row, across column tiles and across
+    layers, so the tie ranks (the TIES pass and its exclusive scan) decide the mask."""
+    scores, select, select_global = _fns(backend, device, monkeypatch)
+    gen = torch.Generator().manual_seed(21)
+    few = torch.randint(0, 3, (40, 320), generator=gen).float()
+    layers = []
+    for w in (few[:, :160], few[:, 160:].t().contiguous().t(), few[:, ::2], few[:33, :96].t()):
+        layers.append((w.to(device), torch.ones(2, w.shape[0], device=device),
+                       torch.ones(2, w.shape[1], device=device), torch.ones(2, device=device)))
+    for args in layers:
+        for rho in (0.3, 0.37, 0.5001):
+            _check_selection(select, scores, args, _k(rho, args[0].numel()))
+    total = sum(layer[0].numel() for layer in layers)
+    cols = [list(c) for c in zip(*layers)]
+    for rho in (0.31, 0.66):
+        k = _k(rho, total)
+        masks, stats = select_global(*cols, k)
+        want, want_stats = reference.select_from_scores([scores(*layer).cpu() for layer in layers], k)
+        assert all(torch.equal(m.cpu(), x) for m, x in zip(masks, want))
+        assert stats.tolist() == want_stats.tolist() and int(stats[2]) > 1  # ties were ranked

@@ -197,23 +197,40 @@ int64_t build_metas(std::vector<Meta>& metas, const std::vector<torch::Tensor>& 
   return chunks;
 }
 
+// Host-to-device upload through kernel parameters: a launch is fully asynchronous, while a
+// copy from pageable host memory may synchronise with the stream (CUDA's API sync rules).
+constexpr int kParamBytes = 3584;  // under the 4 KB kernel-parameter limit
+struct ParamBytes {
+  unsigned char b[kParamBytes];
+};
+
+__global__ void upload_kernel(const ParamBytes src, int n, unsigned char* dst) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src.b[i];
+}
+
+void upload(const void* host, size_t bytes, void* dev, cudaStream_t stream) {
+  const unsigned char* from = static_cast<const unsigned char*>(host);
+  unsigned char* to = static_cast<unsigned char*>(dev);
+  for (size_t off = 0; off < bytes; off += kParamBytes) {
+    ParamBytes chunk;
+    const int n = static_cast<int>(bytes - off < kParamBytes ? bytes - off : kParamBytes);
+    std::memcpy(chunk.b, from + off, n);
+    upload_kernel<<<1, 256, 0, stream>>>(chunk, n, to + off);
+  }
+}
+
 torch::Tensor launch(bool adam, std::vector<Meta>& metas, int64_t chunks, const Hyper& hp,
                      const torch::Device& device, int64_t stream_ptr) {
   const int count = static_cast<int>(metas.size());
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
   // metadata + counters in one device buffer: [metas | bad[count + 1]]
   const size_t meta_bytes = metas.size() * sizeof(Meta);
-  torch::Tensor host = torch::empty({static_cast<int64_t>(meta_bytes)}, torch::kUInt8);
-  std::memcpy(host.data_ptr(), metas.data(), meta_bytes);
   torch::Tensor dev_meta = torch::empty({static_cast<int64_t>(meta_bytes)},
                                         torch::TensorOptions().dtype(torch::kUInt8).device(device));
   torch::Tensor bad = torch::empty({count + 1}, torch::TensorOptions().dtype(torch::kInt64).device(device));
-  TORCH_CHECK(cudaMemcpyAsync(dev_meta.data_ptr(), host.data_ptr(), meta_bytes, cudaMemcpyHostToDevice,
-                              stream) == cudaSuccess, "masked step: metadata copy failed");
+  upload(metas.data(), meta_bytes, dev_meta.data_ptr(), stream);  // no host synchronisation
   TORCH_CHECK(cudaMemsetAsync(bad.data_ptr(), 0, (count + 1) * sizeof(int64_t), stream) == cudaSuccess,
               "masked step: memset failed");
-  // The pageable host buffer must outlive the async copy.
-  TORCH_CHECK(cudaStreamSynchronize(stream) == cudaSuccess, "masked step: stream sync failed");
   if (chunks > 0) {
     const Meta* d_meta = reinterpret_cast<const Meta*>(dev_meta.data_ptr());
     auto* d_bad = reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>());

@@ -1,0 +1,42 @@
+"""The `triton` backend: dowser.kernels (CUDA; CPU only under TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+from dowser._bits import score_factors
+from dowser._registry import register
+
+
+@register("pack_mask", "triton", ("cpu", "cuda"))
+def pack_mask(mask):
+    from dowser.kernels import pack
+
+    return pack.pack_mask(mask)
+
+
+@register("unpack_mask", "triton", ("cpu", "cuda"))
+def unpack_mask(packed, numel):
+    from dowser.kernels import pack
+
+    return pack.unpack_mask(packed, numel)
+
+
+@register("scores", "triton", ("cpu", "cuda"))
+def scores(weight, out_factors, in_factors, batch_weights):
+    from dowser.kernels import score
+
+    return score.scores(weight, *score_factors(out_factors, in_factors, batch_weights))
+
+
+@register("select_masks_global", "triton", ("cpu", "cuda"))
+def select_masks_global(weights, out_factors, in_factors, batch_weights, k):
+    from dowser.kernels import select
+
+    layers = [(w, *score_factors(o, i, b))
+              for w, o, i, b in zip(weights, out_factors, in_factors, batch_weights)]
+    return select.select_masks(layers, int(k))
+
+
+@register("select_mask", "triton", ("cpu", "cuda"))
+def select_mask(weight, out_factors, in_factors, batch_weights, k):
+    masks, stats = select_masks_global([weight], [out_factors], [in_factors], [batch_weights], k)
+    return masks[0], stats

@@ -88,7 +88,7 @@ def _adamw_cpp(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, steps, lr, 
         work, [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
         _none_as_empty(masks, "cpu"), _none_as_empty(offsets, "cpu"), [float(s) for s in steps],
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize),
-        bool(skip_nonfinite))
+        bool(skip_nonfinite), _none_as_empty([None] * len(work), "cpu"))  # masters: none yet
     _copy_back(back, bad, bool(skip_nonfinite))
     return bad
 
@@ -109,7 +109,8 @@ def _sgd_cpp(params, grads, bufs, masks, offsets, first, lr, momentum, dampening
     bad = _ext.load().masked_sgd_cpu(
         work, [g.contiguous() for g in grads], list(bufs), _none_as_empty(masks, "cpu"),
         _none_as_empty(offsets, "cpu"), [bool(f) for f in first], float(lr), float(momentum),
-        float(dampening), float(weight_decay), bool(nesterov), bool(maximize))
+        float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
+        _none_as_empty([None] * len(work), "cpu"))  # masters: none yet
     _copy_back(back, bad)
     return bad
 
@@ -131,7 +132,7 @@ def _adamw_cuda(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, steps, lr,
         work, [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
         _none_as_empty(masks, device), _none_as_empty(offsets, device), [float(s) for s in steps],
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize),
-        bool(skip_nonfinite), _cuda_stream(device))
+        bool(skip_nonfinite), _cuda_stream(device), _none_as_empty([None] * len(work), device))
     _copy_back(back, bad, bool(skip_nonfinite))
     return bad
 
@@ -149,7 +150,7 @@ def _sgd_cuda(params, grads, bufs, masks, offsets, first, lr, momentum, dampenin
         work, [g.contiguous() for g in grads], list(bufs), _none_as_empty(masks, device),
         _none_as_empty(offsets, device), [bool(f) for f in first], float(lr), float(momentum),
         float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
-        _cuda_stream(device))
+        _cuda_stream(device), _none_as_empty([None] * len(work), device))
     _copy_back(back, bad)
     return bad
 

@@ -95,3 +95,12 @@ def has(name: str) -> bool:
 def with_cuda() -> bool:
     mod = load()
     return bool(mod is not None and getattr(mod, "with_cuda", False))
+
+
+def cpu_capability() -> str | None:
+    """The instruction-set path of the C++ CPU kernels now ('default', 'avx2', 'avx512',
+    'neon'; DOWSER_CPU_CAPABILITY forces one), or None without the extension."""
+    mod = load()
+    if mod is None or not hasattr(mod, "cpu_capability"):
+        return None
+    return str(mod.cpu_capability())

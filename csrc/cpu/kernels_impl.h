@@ -95,9 +95,9 @@ inline uint32_t bad_bits(const void* base, int64_t i) {
     memcpy(&u, static_cast<const float*>(base) + i, 4);
     return (u & 0x7F800000u) == 0x7F800000u;
   } else {
-    const uint32_t h = static_cast<const uint16_t*>(base)[i];
-    constexpr uint32_t e = K == kBF16 ? 0x7F80u : 0x7C00u;
-    return (h & e) == e;
+    constexpr uint16_t e = K == kBF16 ? 0x7F80u : 0x7C00u;
+    const uint16_t h = static_cast<const uint16_t*>(base)[i] & e;
+    return h == e;
   }
 }
 
@@ -243,9 +243,12 @@ int64_t count_bad_range(const Item& it, int64_t w0, int64_t w1) {
     const uint32_t word = word_at(it, w);
     if (pf) prefetch_at<K>(it.grad, w * 32);
     if (!word) continue;
-    uint32_t c = 0;
-    for (int q = 0; q < 32; ++q) c += ((word >> q) & 1u) & bad_bits<K>(it.grad, w * 32 + q);
-    bad += c;
+    // NaN/Inf are rare: a vectorised OR over the word's 32 gradients, and only when that finds
+    // one, the exact count over the trainable lanes.
+    uint32_t any = 0;
+    for (int q = 0; q < 32; ++q) any |= bad_bits<K>(it.grad, w * 32 + q);
+    if (!any) continue;
+    for (uint32_t x = word; x; x &= x - 1) bad += bad_bits<K>(it.grad, w * 32 + __builtin_ctz(x));
   }
   for (int64_t w = full < w0 ? w0 : full; w < w1; ++w) {  // the partial last word
     uint32_t word = word_at(it, w);
@@ -275,13 +278,15 @@ int64_t adam_buf(int64_t n, float* __restrict p, const float* __restrict g, floa
   for (int64_t t = 0; t < n; ++t) {
     const float graw = g[t];
     const float gt = kMax ? -graw : graw;
-    float pn = p[t], mn = m[t], vn = v[t];
+    const float p0 = p[t], m0 = m[t], v0 = v[t];
+    float pn = p0, mn = m0, vn = v0;
     math::adamw_entry(gt, pn, mn, vn, s);
-    if (kSkip) {  // keep the old values (a select: their bits stay) where the gradient is bad
-      const bool nf = math::nonfinite(graw);
-      p[t] = nf ? p[t] : pn;
-      m[t] = nf ? m[t] : mn;
-      v[t] = nf ? v[t] : vn;
+    if (kSkip) {  // keep the old bits where the gradient is bad: a branch-free bitwise select
+      const uint32_t nf = (f2u(graw) & 0x7F800000u) == 0x7F800000u;
+      const uint32_t keep = 0u - nf;
+      p[t] = u2f((f2u(p0) & keep) | (f2u(pn) & ~keep));
+      m[t] = u2f((f2u(m0) & keep) | (f2u(mn) & ~keep));
+      v[t] = u2f((f2u(v0) & keep) | (f2u(vn) & ~keep));
       bad += nf;
     } else {
       p[t] = pn;

@@ -25,7 +25,7 @@ out=$(mktemp -d)
 for f in "${files[@]}"; do
   echo "nvcc $f"
   # shellcheck disable=SC2086
-  nvcc -std=c++17 -O3 -c "$f" $flags -DDOWSER_WITH_CUDA -DTORCH_EXTENSION_NAME=_C \
+  nvcc -std=c++17 -O3 --fmad=false -c "$f" -Icsrc/include $flags -DDOWSER_WITH_CUDA -DTORCH_EXTENSION_NAME=_C \
     -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 \
     -o "$out/$(basename "$f").o"
 done

@@ -309,6 +309,8 @@ def main() -> None:
     parser.add_argument("--baseline-so", default=None,
                         help="also time the dowser rows with this previous build of dowser._C")
     parser.add_argument("--no-foreach", action="store_true", help="skip torch's foreach AdamW")
+    parser.add_argument("--suffix", default="",
+                        help="results file suffix: bench/results/optim-cpu<suffix>.md/.csv/.png")
     args = parser.parse_args()
     from dowser import _ext
 
@@ -389,8 +391,18 @@ def main() -> None:
         "row ran on (forced with DOWSER_CPU_CAPABILITY; 'previous build': --baseline-so). "
         "vs_byte_floor: step time over the byte floor of the same mode and mask (1 = at the floor). "
         f"Load average at the end: {os.getloadavg()[0]:.1f}. " + args.notes))
+    md = _add_suffix(md, args.suffix)
     _plot(rows, md.with_suffix(".png"))
     print(f"wrote {md} (and .csv, .png) under {RESULTS}")
+
+
+def _add_suffix(md: Path, suffix: str) -> Path:
+    """Rename <name>-<device>.md/.csv to <name>-<device><suffix>.*; returns the new .md path."""
+    if not suffix:
+        return md
+    for ext in (".md", ".csv"):
+        md.with_suffix(ext).replace(md.with_name(md.stem + suffix + ext))
+    return md.with_name(md.stem + suffix + ".md")
 
 
 def _plot(rows: list[dict], path: Path) -> None:

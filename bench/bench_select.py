@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--baseline-so", default=None,
                         help="also time the dowser rows with this previous build of dowser._C")
     parser.add_argument("--cases", nargs="*", default=None, help="only these cases (e.g. 4096x11008)")
+    parser.add_argument("--suffix", default="",
+                        help="results file suffix: bench/results/select-cpu<suffix>.md/.csv/.png")
     args = parser.parse_args()
     if args.worker:
         shapes = [tuple(map(int, s.split("x"))) for s in args.worker[1].split(",")]
@@ -159,6 +161,10 @@ def main() -> None:
              "'previous build': --baseline-so). "
              f"Load average at the end: {load:.1f} (the CPU host was shared with other jobs).")
     md = write_results("select", rows, args.device, notes)
+    if args.suffix:  # <name>-<device><suffix>.md/.csv
+        for ext in (".md", ".csv"):
+            md.with_suffix(ext).replace(md.with_name(md.stem + args.suffix + ext))
+        md = md.with_name(md.stem + args.suffix + ".md")
     _plot(rows, md.with_suffix(".png"))
     print(f"wrote {md}")
 

@@ -309,6 +309,8 @@ def main() -> None:
     parser.add_argument("--baseline-so", default=None,
                         help="also time the dowser rows with this previous build of dowser._C")
     parser.add_argument("--no-foreach", action="store_true", help="skip torch's foreach AdamW")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="time only (no fresh process per configuration for peak memory)")
     parser.add_argument("--suffix", default="",
                         help="results file suffix: bench/results/optim-cpu<suffix>.md/.csv/.png")
     args = parser.parse_args()
@@ -346,7 +348,7 @@ def main() -> None:
         for i, (name, kind, *_rest, path) in enumerate(CONFIGS):
             row = {"set": set_name, "dtype": timing["dtype"], "params": timing["params"], "config": name,
                    "cpu_path": path}
-            if kind == "floor":
+            if kind == "floor" or args.no_memory:
                 mem = {"trainable": "", "state_bytes_per_param": "", "peak_bytes_per_param": ""}
             elif name in memory:
                 mem = memory[name]

@@ -479,7 +479,7 @@ void unpack(const uint32_t* src, int64_t n, bool* dst) {
 }
 
 // ---- selection: score tiles and the one-pass window test (select.cpp drives them) -----------
-typedef float v8f __attribute__((vector_size(32), aligned(4)));
+typedef float v8f __attribute__((vector_size(32)));  // loads and stores go through memcpy (unaligned)
 
 // Each score is ((p0*a0 + p1*a1) + ...) * |w|: the same fp32 roundings for every entry, whatever
 // the tile, the grouping of rows, the pass or the ISA (separate mul and add; no contraction).

@@ -1,23 +1,28 @@
 """Build dowser._C from csrc/ with torch's cpp_extension (ninja).
 
 A CPU (OpenMP) build always; the CUDA sources too when the installed torch has CUDA and nvcc is
-found. That is decided from torch.version.cuda and CUDA_HOME, never from an attached GPU, so a
-GPU-less build host still builds the CUDA code. A failed build does not fail the install:
-`import dowser` then JIT-builds the extension or falls back to the plain-PyTorch reference.
+found. Sources and flags come from dowser/_build_config.py, which the JIT build
+(dowser/_ext.py) uses too. A failed build does not fail the install: `import dowser` then
+JIT-builds the extension or falls back to the plain-PyTorch reference.
 """
 
-import glob
+import importlib.util
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from setuptools import setup
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = Path(__file__).resolve().parent
 
 
-def _sources(pattern: str) -> list[str]:
-    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+def _build_config():
+    # By path: importing the dowser package here would need its dependencies at build time.
+    spec = importlib.util.spec_from_file_location("_dowser_build_config", HERE / "dowser" / "_build_config.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def extension_config():
@@ -31,23 +36,24 @@ def extension_config():
                       "(install torch first and build with --no-build-isolation)")
         return [], {}
 
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cuda_sources = _sources("csrc/cuda/*.cu")
-    with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-                 and os.environ.get("DOWSER_NO_CUDA") != "1" and bool(cuda_sources))
+    cfg = _build_config()
+    removed = cfg.sanitize_env()
+    if removed:
+        warnings.warn(f"dowser: ignoring {removed} (they would change the kernels' rounding or "
+                      "the baseline CPU; each instruction set is its own dispatched path)")
+    cpp, cu = cfg.sources(HERE / "csrc")
+    rel = lambda paths: [os.path.relpath(p, HERE) for p in paths]  # noqa: E731
+    include_dirs = [str(p) for p in cfg.include_dirs(HERE / "csrc")]
+    with_cuda, _why = cfg.cuda_decision(torch, cpp_extension.CUDA_HOME, cu)
     if with_cuda:
-        arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        nvcc = ["-O3", "-std=c++17"]
-        if not arch:
-            nvcc += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
         ext = cpp_extension.CUDAExtension(
-            "dowser._C", sources + cuda_sources,
-            extra_compile_args={"cxx": cxx + ["-DDOWSER_WITH_CUDA"], "nvcc": nvcc + ["-DDOWSER_WITH_CUDA"]},
-            extra_link_args=["-fopenmp"])
+            "dowser._C", rel(cpp) + rel(cu), include_dirs=include_dirs,
+            extra_compile_args={"cxx": cfg.cxx_flags(True), "nvcc": cfg.nvcc_flags()},
+            extra_link_args=cfg.LD_FLAGS)
     else:
-        ext = cpp_extension.CppExtension("dowser._C", sources, extra_compile_args={"cxx": cxx},
-                                         extra_link_args=["-fopenmp"])
+        ext = cpp_extension.CppExtension("dowser._C", rel(cpp), include_dirs=include_dirs,
+                                         extra_compile_args={"cxx": cfg.cxx_flags(False)},
+                                         extra_link_args=cfg.LD_FLAGS)
 
     class TolerantBuildExtension(cpp_extension.BuildExtension):
         """A failed compile leaves dowser installable; import dowser reports the fallback."""

@@ -31,7 +31,7 @@ pids=()
 for f in "${files[@]}"; do
   log="$out/$(basename "$f").log"
   # shellcheck disable=SC2086
-  (nvcc -std=c++17 -O3 -c "$f" $flags -DDOWSER_WITH_CUDA -DTORCH_EXTENSION_NAME=_C \
+  (nvcc -std=c++17 -O3 --fmad=false -c "$f" $flags -DDOWSER_WITH_CUDA -DTORCH_EXTENSION_NAME=_C \
     -Xptxas -v -diag-suppress 3306 \
     -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 \
     -o "$out/$(basename "$f").o" >"$log" 2>&1; echo $? >"$log.rc") &

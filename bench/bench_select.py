@@ -42,9 +42,25 @@ def _naive(w, psi, a, bw):
     return s <= thr
 
 
-def worker(method: str, shapes: list[tuple[int, int]], device: str, dtype: str, repeat: int) -> dict:
+def _use_previous_build(path: str) -> None:
+    """Route dowser's ops to a previous build of dowser._C (--baseline-so)."""
+    import importlib.util
+
+    from dowser import _ext
+
+    spec = importlib.util.spec_from_file_location("dowser_previous._C", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    _ext.load = lambda: mod  # the ops look the module up through _ext.load() per call
+
+
+def worker(method: str, shapes: list[tuple[int, int]], device: str, dtype: str, repeat: int,
+           so: str | None = None) -> dict:
     from dowser import ops
     from dowser.profiling import peak_memory, time_fn
+
+    if so:
+        _use_previous_build(so)
 
     layers = _inputs(shapes, device, getattr(torch, dtype))
     if method == "naive":
@@ -67,11 +83,24 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SHAPES"))
+    parser.add_argument("--so", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--paths", nargs="*", default=None,
+                        help="CPU instruction-set paths to force for the dowser rows "
+                             "(DOWSER_CPU_CAPABILITY), e.g. default avx2; default: the automatic one")
+    parser.add_argument("--baseline-so", default=None,
+                        help="also time the dowser rows with this previous build of dowser._C")
+    parser.add_argument("--cases", nargs="*", default=None, help="only these cases (e.g. 4096x11008)")
+    parser.add_argument("--suffix", default="",
+                        help="results file suffix: bench/results/select-cpu<suffix>.md/.csv/.png")
     args = parser.parse_args()
     if args.worker:
         shapes = [tuple(map(int, s.split("x"))) for s in args.worker[1].split(",")]
-        print(json.dumps(worker(args.worker[0], shapes, args.device, args.dtype, args.repeat)))
+        print(json.dumps(worker(args.worker[0], shapes, args.device, args.dtype, args.repeat, args.so)))
         return
+    from dowser import _ext
+
+    auto = _ext.cpu_capability() or "-"
+    paths = args.paths or [auto]
 
     sys.path.insert(0, HERE)
     from common import write_results
@@ -81,27 +110,40 @@ def main() -> None:
              ("7b-layer (7 matrices)", [(o, i) for _, o, i in LAYER_7B])]
     if args.device != "cpu":
         cases.append(("7b-32-layers (224 matrices)", [(o, i) for _, o, i in LAYER_7B] * 32))
+    if args.cases:
+        cases = [c for c in cases if c[0] in args.cases]
+    # (method, cpu path): naive and read-w are torch alone; dowser rows on each forced path
+    # (and the previous build with --baseline-so).
     rows = []
     for name, shapes in cases:
-        methods = ["naive", "read-w", "dowser"] + (["dowser-global"] if len(shapes) > 1 else [])
+        dowser_methods = ["dowser"] + (["dowser-global"] if len(shapes) > 1 else [])
+        runs = [("naive", "-"), ("read-w", "-")] + [(m, p) for p in paths for m in dowser_methods]
+        if args.baseline_so:
+            runs += [(m, "previous build") for m in dowser_methods]
         res = {}
-        for method in methods:
+        for method, path in runs:
             cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--dtype",
                    args.dtype, "--repeat", str(args.repeat), "--worker", method,
                    ",".join(f"{o}x{i}" for o, i in shapes)]
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
+            env = dict(os.environ)
+            env.pop("DOWSER_CPU_CAPABILITY", None)
+            if path == "previous build":
+                cmd += ["--so", args.baseline_so]
+            elif path != "-" and method.startswith("dowser"):
+                env["DOWSER_CPU_CAPABILITY"] = path
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env)
             if out.returncode != 0:
                 print(out.stderr, file=sys.stderr)
-                res[method] = None
+                res[(method, path)] = None
                 continue
-            res[method] = json.loads(out.stdout.strip().splitlines()[-1])
-        base = res.get("naive")
-        for method in methods:
-            r = res[method]
+            res[(method, path)] = json.loads(out.stdout.strip().splitlines()[-1])
+        base = res.get(("naive", "-"))
+        for method, path in runs:
+            r = res[(method, path)]
             if r is None:
-                rows.append({"case": name, "method": method, "status": "failed"})
+                rows.append({"case": name, "method": method, "cpu_path": path, "status": "failed"})
                 continue
-            row = {"case": name, "method": method, "entries": sum(o * i for o, i in shapes),
+            row = {"case": name, "method": method, "cpu_path": path, "entries": sum(o * i for o, i in shapes),
                    "median_s": r["median_s"], "min_s": r["min_s"], "extra_mb": r["extra_mb"]}
             if base:
                 row["speedup_vs_naive"] = base["median_s"] / r["median_s"]
@@ -115,8 +157,14 @@ def main() -> None:
              "ops.build_masks_global (one threshold); read-w = one torch.sum over every weight, the time "
              "to read W once (the Triton path makes 4 passes, the CPU fast path 1). extra_mb = peak memory above the inputs "
              "(CPU: peak RSS in a fresh subprocess; CUDA: max_memory_allocated). "
+             "cpu_path: the CPU instruction-set path of the dowser rows (DOWSER_CPU_CAPABILITY; "
+             "'previous build': --baseline-so). "
              f"Load average at the end: {load:.1f} (the CPU host was shared with other jobs).")
     md = write_results("select", rows, args.device, notes)
+    if args.suffix:  # <name>-<device><suffix>.md/.csv
+        for ext in (".md", ".csv"):
+            md.with_suffix(ext).replace(md.with_name(md.stem + args.suffix + ext))
+        md = md.with_name(md.stem + args.suffix + ".md")
     _plot(rows, md.with_suffix(".png"))
     print(f"wrote {md}")
 
@@ -129,13 +177,14 @@ def _plot(rows: list[dict], path) -> None:
         return
     ok = [r for r in rows if "median_s" in r]
     cases = list(dict.fromkeys(r["case"] for r in ok))
-    methods = list(dict.fromkeys(r["method"] for r in ok))
+    label = lambda r: r["method"] if r.get("cpu_path", "-") == "-" else f"{r['method']} [{r['cpu_path']}]"  # noqa: E731
+    methods = list(dict.fromkeys(label(r) for r in ok))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(methods)
     for m_i, method in enumerate(methods):
         xs, ts, ms = [], [], []
         for c_i, case in enumerate(cases):
-            r = next((r for r in ok if r["case"] == case and r["method"] == method), None)
+            r = next((r for r in ok if r["case"] == case and label(r) == method), None)
             if r:
                 xs.append(c_i + m_i * width)
                 ts.append(r["median_s"])

@@ -33,6 +33,9 @@ def environment(device: str = "cpu") -> dict[str, str]:
         "triton": triton_version,
         "dowser": dowser.__version__,
         "dowser._C": str(dowser.backend_info()["_C"]["how"]),
+        # the CPU ops' instruction-set path (DOWSER_CPU_CAPABILITY or the best supported; rows
+        # that force another name it in a cpu_path column)
+        "dowser CPU path": str(dowser.backend_info()["_C"].get("cpu_capability", "none")),
     }
 
 

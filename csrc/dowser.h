@@ -19,6 +19,8 @@ std::tuple<std::vector<torch::Tensor>, torch::Tensor> select_masks_cpu(
 
 // Masked optimizer steps (csrc/cpu/masked_adamw.cpp). An empty masks[i] means every entry
 // trains; a non-empty offsets[i] (per-word popcount prefix sums) means compact fp32 state.
+// masters (last; empty list or empty masters[i] = none): fp32 master weights of bf16/fp16
+// params, laid out like the state; the step then updates masters[i] and stores its rounding.
 // Returns per-tensor NaN/Inf counts of trainable gradients; nothing is written if any is > 0.
 torch::Tensor masked_adamw_cpu(const std::vector<torch::Tensor>& params,
                                const std::vector<torch::Tensor>& grads,
@@ -28,7 +30,10 @@ torch::Tensor masked_adamw_cpu(const std::vector<torch::Tensor>& params,
                                const std::vector<torch::Tensor>& offsets,
                                const std::vector<double>& steps, double lr, double beta1,
                                double beta2, double eps, double weight_decay, bool maximize,
-                               bool skip_nonfinite);
+                               bool skip_nonfinite, const std::vector<torch::Tensor>& masters);
+// The instruction-set path the CPU kernels run on now ("default", "avx2", "avx512", "neon"):
+// DOWSER_CPU_CAPABILITY if set (an error if unknown or unsupported), else the best supported.
+const char* cpu_capability();
 // The read-only pass alone: per-tensor NaN/Inf counts of trainable gradients.
 torch::Tensor count_nonfinite_cpu(const std::vector<torch::Tensor>& grads,
                                   const std::vector<torch::Tensor>& masks);
@@ -38,7 +43,7 @@ torch::Tensor masked_sgd_cpu(const std::vector<torch::Tensor>& params,
                              const std::vector<torch::Tensor>& masks,
                              const std::vector<torch::Tensor>& offsets, const std::vector<bool>& first,
                              double lr, double momentum, double dampening, double weight_decay,
-                             bool nesterov, bool maximize);
+                             bool nesterov, bool maximize, const std::vector<torch::Tensor>& masters);
 #ifdef DOWSER_WITH_CUDA
 // The same steps on CUDA (csrc/cuda/masked_adamw.cu), one multi-tensor launch per call;
 // `stream` is the CUDA stream as an integer (torch.cuda.current_stream().cuda_stream).
@@ -50,14 +55,16 @@ torch::Tensor masked_adamw_cuda(const std::vector<torch::Tensor>& params,
                                 const std::vector<torch::Tensor>& offsets,
                                 const std::vector<double>& steps, double lr, double beta1,
                                 double beta2, double eps, double weight_decay, bool maximize,
-                                bool skip_nonfinite, int64_t stream);
+                                bool skip_nonfinite, int64_t stream,
+                                const std::vector<torch::Tensor>& masters);
 torch::Tensor masked_sgd_cuda(const std::vector<torch::Tensor>& params,
                               const std::vector<torch::Tensor>& grads,
                               const std::vector<torch::Tensor>& bufs,
                               const std::vector<torch::Tensor>& masks,
                               const std::vector<torch::Tensor>& offsets, const std::vector<bool>& first,
                               double lr, double momentum, double dampening, double weight_decay,
-                              bool nesterov, bool maximize, int64_t stream);
+                              bool nesterov, bool maximize, int64_t stream,
+                              const std::vector<torch::Tensor>& masters);
 #endif
 
 }  // namespace dowser

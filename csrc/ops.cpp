@@ -2,6 +2,7 @@
 // and routes each device to these functions, so this file only exposes them.
 #include <omp.h>
 
+#include "cpu/kernels.h"
 #include "dowser.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -12,6 +13,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = false;
 #endif
   m.def("omp_max_threads", []() { return omp_get_max_threads(); });
+  // issue 13: instruction-set dispatch of the CPU kernels
+  m.def("cpu_capability", []() { return std::string(dowser::cpu_capability()); },
+        "the CPU kernels' instruction-set path now (DOWSER_CPU_CAPABILITY or the best supported)");
+  m.def("cpu_capabilities", []() { return std::string(dowser::cpu::supported_capabilities()); },
+        "the instruction-set paths this CPU runs, comma separated, best last");
   m.def("pack_mask_cpu", &dowser::pack_mask_cpu, "pack a bool mask into int32 words", py::arg("mask"));
   m.def("unpack_mask_cpu", &dowser::unpack_mask_cpu, "unpack int32 words into a flat bool mask",
         py::arg("packed"), py::arg("numel"));

@@ -27,19 +27,22 @@ def _jit_build() -> ModuleType:
     import torch
     from torch.utils import cpp_extension
 
+    from dowser import _build_config as cfg
+
     src = _csrc_dir()
     if src is None:
         raise RuntimeError("the csrc/ sources are not shipped with this install")
-    sources = [str(p) for p in sorted(src.glob("*.cpp")) + sorted((src / "cpu").glob("*.cpp"))]
-    cuda_sources = [str(p) for p in sorted((src / "cuda").glob("*.cu"))]
-    with_cuda = bool(cuda_sources) and torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
-    flags = ["-O3", "-std=c++17", "-fopenmp"] + (["-DDOWSER_WITH_CUDA"] if with_cuda else [])
+    cfg.sanitize_env()
+    cpp, cu = cfg.sources(src)
+    # The same decision as setup.py (torch has CUDA and nvcc is found), not "a GPU is attached".
+    with_cuda, _why = cfg.cuda_decision(torch, cpp_extension.CUDA_HOME, cu)
     return cpp_extension.load(
         name="dowser_jit_C",
-        sources=sources + (cuda_sources if with_cuda else []),
-        extra_cflags=flags,
-        extra_cuda_cflags=["-O3", "-std=c++17", "-DDOWSER_WITH_CUDA"],
-        extra_ldflags=["-fopenmp"],
+        sources=[str(p) for p in cpp + (cu if with_cuda else [])],
+        extra_include_paths=[str(p) for p in cfg.include_dirs(src)],
+        extra_cflags=cfg.cxx_flags(with_cuda),
+        extra_cuda_cflags=cfg.nvcc_flags(),
+        extra_ldflags=cfg.LD_FLAGS,
         with_cuda=with_cuda,
         verbose=False,
     )
@@ -92,3 +95,12 @@ def has(name: str) -> bool:
 def with_cuda() -> bool:
     mod = load()
     return bool(mod is not None and getattr(mod, "with_cuda", False))
+
+
+def cpu_capability() -> str | None:
+    """The instruction-set path of the C++ CPU kernels now ('default', 'avx2', 'avx512',
+    'neon'; DOWSER_CPU_CAPABILITY forces one), or None without the extension."""
+    mod = load()
+    if mod is None or not hasattr(mod, "cpu_capability"):
+        return None
+    return str(mod.cpu_capability())

@@ -163,12 +163,17 @@ def backend_info() -> dict[str, dict[str, dict[str, str]]]:
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     info: dict = {"_C": {"how": str(_ext.info()["how"]), "why": str(_ext.info()["reason"])}}
+    cpu_path = _ext.cpu_capability()  # instruction-set path of the cpp CPU kernels (issue 13)
+    if cpu_path:
+        info["_C"]["cpu_capability"] = cpu_path
     for op in sorted(_IMPLS):
         info[op] = {}
         for dev in devices:
             try:
                 impl, why = choose(op, dev)
                 info[op][dev] = {"backend": impl.backend, "why": why}
+                if dev == "cpu" and impl.backend == "cpp" and cpu_path:
+                    info[op][dev]["cpu_capability"] = cpu_path
             except RuntimeError as exc:
                 info[op][dev] = {"backend": "none", "why": str(exc)}
     return info

@@ -1,7 +1,10 @@
-// CPU pack/unpack of bit-packed masks (layout: DESIGN.md §2).
+// CPU pack/unpack of bit-packed masks (layout: DESIGN.md §2); the loops are per-ISA kernels
+// (kernels_impl.h).
 #include <cstring>
+#include <stdexcept>
 
 #include "../dowser.h"
+#include "kernels.h"
 
 namespace dowser {
 
@@ -15,13 +18,10 @@ torch::Tensor pack_mask_cpu(const torch::Tensor& mask) {
   torch::Tensor out = torch::empty({words}, torch::dtype(torch::kInt32));
   const bool* src = flat.data_ptr<bool>();
   uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
-#pragma omp parallel for schedule(static) if (words > 4096)
-  for (int64_t w = 0; w < words; ++w) {
-    const int64_t base = w * 32;
-    const int lim = static_cast<int>(std::min<int64_t>(32, n - base));
-    uint32_t word = 0;
-    for (int b = 0; b < lim; ++b) word |= static_cast<uint32_t>(src[base + b]) << b;
-    dst[w] = word;
+  try {
+    cpu::kernels().pack(src, n, dst);
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, e.what());
   }
   return out;
 }
@@ -35,13 +35,10 @@ torch::Tensor unpack_mask_cpu(const torch::Tensor& packed, int64_t numel) {
   const uint32_t* src = reinterpret_cast<const uint32_t*>(words_t.data_ptr<int32_t>());
   torch::Tensor out = torch::empty({numel}, torch::dtype(torch::kBool));
   bool* dst = out.data_ptr<bool>();
-  const int64_t words = words_t.numel();
-#pragma omp parallel for schedule(static) if (words > 4096)
-  for (int64_t w = 0; w < words; ++w) {
-    const int64_t base = w * 32;
-    const int lim = static_cast<int>(std::min<int64_t>(32, numel - base));
-    const uint32_t word = src[w];
-    for (int b = 0; b < lim; ++b) dst[base + b] = (word >> b) & 1u;
+  try {
+    cpu::kernels().unpack(src, numel, dst);
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, e.what());
   }
   return out;
 }

@@ -21,13 +21,15 @@
 #include <cstring>
 #include <vector>
 
+#include <stdexcept>
+
 #include "../dowser.h"
+#include "kernels.h"
 
 namespace dowser {
 namespace {
 
 constexpr int64_t V = 8;  // floats per vector
-typedef float v8f __attribute__((vector_size(32), aligned(4)));
 
 struct Layer {
   const char* w;       // weight data
@@ -93,68 +95,24 @@ void abs_tile(const Layer& L, int64_t i0, int nr, int64_t j0, int64_t jb, float*
   }
 }
 
-// Scores of NR rows (from i0) x columns [j0, j0 + jb) (jb a multiple of V) into s[r * JB + j].
-// Each score is ((p0*a0 + p1*a1) + ...) * |w|: the same fp32 roundings for every entry, whatever
-// the tile, the grouping of rows or the pass (the vector body covers the zero padding too, so
-// there is no scalar tail). Separate mul and add: no FMA contraction (see the build flags).
-template <int NR>
-__attribute__((always_inline)) inline void score_rows_body(const Layer& L, int64_t i0, int64_t j0,
-                                                           int64_t jb, const float* absw, float* s) {
-  const int64_t cp = L.cols_pad, B = L.B;
-  const float* p[NR];
-  for (int r = 0; r < NR; ++r) p[r] = L.p + (i0 + r) * B;
-  const float* a = L.a.data() + j0;
-  for (int64_t j = 0; j < jb; j += V) {
-    v8f acc[NR];
-    v8f a0;
-    std::memcpy(&a0, a + j, sizeof(v8f));
-    for (int r = 0; r < NR; ++r) acc[r] = p[r][0] * a0;
-    for (int64_t b = 1; b < B; ++b) {
-      v8f ab;
-      std::memcpy(&ab, a + b * cp + j, sizeof(v8f));
-      for (int r = 0; r < NR; ++r) {
-        v8f prod = p[r][b] * ab;
-        acc[r] = acc[r] + prod;
-      }
-    }
-    for (int r = 0; r < NR; ++r) {
-      v8f w;
-      std::memcpy(&w, absw + r * JB + j, sizeof(v8f));
-      v8f out = acc[r] * w;
-      std::memcpy(s + r * JB + j, &out, sizeof(v8f));
-    }
+// Score tiles come from the per-ISA kernel table (kernels_impl.h: each score is
+// ((p0*a0 + p1*a1) + ...) * |w| with separate mul and add, so every path gives the same bits);
+// the table is chosen once per call (select_masks_cpu / scores_cpu).
+const cpu::Kernels* g_kernels = nullptr;
+
+const cpu::Kernels& pick_kernels() {
+  try {
+    return cpu::kernels();
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, e.what());
   }
 }
 
-#define DOWSER_SCORE_VARIANT(NAME, ATTR)                                                     \
-  ATTR void NAME(const Layer& L, int64_t i0, int nr, int64_t j0, int64_t jb, const float* absw, \
-                 float* s) {                                                                 \
-    int r = 0;                                                                               \
-    for (; r + 4 <= nr; r += 4)                                                              \
-      score_rows_body<4>(L, i0 + r, j0, jb, absw + r * JB, s + r * JB);                      \
-    for (; r < nr; ++r) score_rows_body<1>(L, i0 + r, j0, jb, absw + r * JB, s + r * JB);   \
-  }
-
-// Same source, two instruction sets: AVX2 (8-wide, still no FMA, so identical results) where
-// the CPU has it, baseline SSE otherwise; the choice is fixed per process.
-#if defined(__x86_64__) || defined(__i386__)
-#define DOWSER_X86 1
-#define DOWSER_CLONES __attribute__((target_clones("avx2", "default")))
-DOWSER_SCORE_VARIANT(score_tile_avx2, __attribute__((target("avx2"))))
-#else
-#define DOWSER_CLONES
-#endif
-DOWSER_SCORE_VARIANT(score_tile_base, )
-
-using ScoreFn = void (*)(const Layer&, int64_t, int, int64_t, int64_t, const float*, float*);
-ScoreFn pick_score_fn() {
-#ifdef DOWSER_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2")) return score_tile_avx2;
-#endif
-  return score_tile_base;
+inline void score_tile(const Layer& L, int64_t i0, int nr, int64_t j0, int64_t jb, const float* absw,
+                       float* s) {
+  const cpu::ScoreArgs args{L.p, L.a.data(), L.B, L.cols_pad};
+  g_kernels->score_tile(args, i0, nr, j0, jb, absw, s, JB);
 }
-const ScoreFn score_tile = pick_score_fn();
 
 // Global row g -> (layer, row). Rows of all layers in order.
 struct Rows {
@@ -300,22 +258,8 @@ inline uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-// One full word of 32 scores: bits of key < lo, and whether any key lies in [lo, hi]. Written
-// branch-free so it vectorises (AVX2 clone where the CPU has it).
-DOWSER_CLONES
-uint32_t word_below(const float* s, uint32_t lo, uint32_t hi, uint32_t* in_window) {
-  uint32_t v = 0, win = 0;  // win: bit q set when key q lies in [lo, hi]
-  for (int q = 0; q < 32; ++q) {
-    uint32_t bits;
-    std::memcpy(&bits, s + q, 4);
-    bits = (bits << 1) == 0 ? 0u : bits;
-    const uint32_t neg = 0u - (bits >> 31);
-    const uint32_t key = bits ^ (neg | 0x80000000u);
-    v |= static_cast<uint32_t>(key < lo) << q;
-    win |= static_cast<uint32_t>(key - lo <= hi - lo) << q;
-  }
-  *in_window = win;
-  return v;
+inline uint32_t word_below(const float* s, uint32_t lo, uint32_t hi, uint32_t* in_window) {
+  return g_kernels->word_below(s, lo, hi, in_window);
 }
 
 typedef unsigned __int128 u128;  // (key << 64) | global index: sorts by key, then index
@@ -458,6 +402,7 @@ bool select_window(const Rows& R, std::vector<Layer>& Ls, const std::vector<int6
 }
 
 torch::Tensor scores_cpu(const torch::Tensor& weight, const torch::Tensor& p, const torch::Tensor& a) {
+  g_kernels = &pick_kernels();
   torch::Tensor out = torch::empty({weight.size(0), weight.size(1)}, torch::dtype(torch::kFloat));
   std::vector<Layer> Ls;
   Ls.push_back(make_layer(weight, p, a, 0, nullptr));
@@ -480,6 +425,7 @@ torch::Tensor scores_cpu(const torch::Tensor& weight, const torch::Tensor& p, co
 std::tuple<std::vector<torch::Tensor>, torch::Tensor> select_masks_cpu(
     const std::vector<torch::Tensor>& weights, const std::vector<torch::Tensor>& ps,
     const std::vector<torch::Tensor>& as, int64_t k) {
+  g_kernels = &pick_kernels();
   TORCH_CHECK(weights.size() == ps.size() && weights.size() == as.size(),
               "select_masks_cpu: list lengths differ");
   std::vector<torch::Tensor> outs;

@@ -20,6 +20,8 @@
 #include <cstring>
 #include <vector>
 
+#include "dowser/update_math.h"  // the per-entry math, shared with the CPU kernels
+
 namespace dowser {
 namespace {
 
@@ -29,6 +31,7 @@ enum Kind : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
 
 struct Meta {
   int64_t param, grad, s1, s2, mask, offsets;  // device pointers (0 = none)
+  int64_t master;  // fp32 master weights laid out like the state (0 = none)
   int64_t n;
   int64_t chunk_start;  // first global chunk of this tensor
   float step_size, bc2_sqrt;
@@ -36,9 +39,9 @@ struct Meta {
 };
 
 struct Hyper {
-  float decay, w1, beta2, one_minus_beta2, eps;        // AdamW
-  float lr, momentum, one_minus_dampening, wd;         // SGD
-  int32_t maximize, nesterov, has_momentum;
+  math::AdamScalars adam;  // step_size / bc2_sqrt per tensor (Meta)
+  math::SgdScalars sgd;
+  int32_t maximize;
   int32_t skip_nonfinite;  // AdamW "skip" mode: update the finite entries, keep the NaN/Inf ones
 };
 
@@ -58,8 +61,7 @@ __device__ __forceinline__ void store_val(const Meta& m, int64_t base, int64_t i
   }
   uint16_t h;
   if (m.kind == BF16) {
-    const uint32_t u = __float_as_uint(x);  // round to nearest even (finite values)
-    h = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    h = math::bf16_bits(x);  // round to nearest even, as c10::BFloat16
   } else {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
   }
@@ -121,26 +123,22 @@ __global__ void step_kernel(const Meta* metas, int count, Hyper hp, const unsign
     float g = load_val(m, m.grad, i);
     if (hp.skip_nonfinite && !isfinite(g)) continue;  // skip mode: param and state keep their bits
     if (hp.maximize) g = -g;
-    float p = load_val(m, m.param, i);
+    float* master = reinterpret_cast<float*>(m.master);
+    float p = master ? master[si] : load_val(m, m.param, i);
     if (kAdam) {
-      p = __fmul_rn(p, hp.decay);
-      const float mo = s1[si];
-      const float mt = __fadd_rn(mo, __fmul_rn(hp.w1, __fsub_rn(g, mo)));
-      const float vt = __fadd_rn(__fmul_rn(hp.beta2, s2[si]), __fmul_rn(hp.one_minus_beta2, __fmul_rn(g, g)));
-      const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vt), m.bc2_sqrt), hp.eps);
+      math::AdamScalars as = hp.adam;
+      as.step_size = m.step_size;
+      as.bc2_sqrt = m.bc2_sqrt;
+      float mt = s1[si], vt = s2[si];
+      math::adamw_entry(g, p, mt, vt, as);
       s1[si] = mt;
       s2[si] = vt;
-      p = __fsub_rn(p, __fdiv_rn(__fmul_rn(m.step_size, mt), denom));
     } else {
-      float d = g;
-      if (hp.wd != 0.0f) d = __fadd_rn(d, __fmul_rn(hp.wd, p));
-      if (hp.has_momentum) {
-        const float bt = m.first ? d : __fadd_rn(__fmul_rn(hp.momentum, s1[si]), __fmul_rn(hp.one_minus_dampening, d));
-        s1[si] = bt;
-        d = hp.nesterov ? __fadd_rn(d, __fmul_rn(hp.momentum, bt)) : bt;
-      }
-      p = __fsub_rn(p, __fmul_rn(hp.lr, d));
+      float bt = (hp.sgd.has_momentum && !m.first) ? s1[si] : 0.0f;  // a fresh buffer is not read
+      math::sgd_entry(g, p, bt, hp.sgd, m.first != 0);
+      if (hp.sgd.has_momentum) s1[si] = bt;
     }
+    if (master) master[si] = p;
     store_val(m, m.param, i, p);
   }
 }
@@ -163,7 +161,7 @@ int64_t ptr_or_zero(const torch::Tensor& t) {
 int64_t build_metas(std::vector<Meta>& metas, const std::vector<torch::Tensor>& params,
                     const std::vector<torch::Tensor>& grads, const std::vector<torch::Tensor>& s1,
                     const std::vector<torch::Tensor>& s2, const std::vector<torch::Tensor>& masks,
-                    const std::vector<torch::Tensor>& offsets) {
+                    const std::vector<torch::Tensor>& offsets, const std::vector<torch::Tensor>& masters) {
   int64_t chunks = 0;
   for (size_t i = 0; i < params.size(); ++i) {
     const torch::Tensor& p = params[i];
@@ -185,6 +183,16 @@ int64_t build_metas(std::vector<Meta>& metas, const std::vector<torch::Tensor>& 
       TORCH_CHECK(s.scalar_type() == torch::kFloat && s.is_contiguous() && s.device() == p.device(),
                   "masked step: state must be contiguous float32 on the param's device");
       if (!m.offsets) TORCH_CHECK(s.numel() == n, "masked step: dense state must have one entry per param entry");
+    }
+    if (!masters.empty() && masters[i].defined() && masters[i].numel() > 0) {
+      const torch::Tensor& w = masters[i];
+      TORCH_CHECK(p.scalar_type() != torch::kFloat, "masked step: float32 params take no master weights");
+      TORCH_CHECK(w.scalar_type() == torch::kFloat && w.is_contiguous() && w.device() == p.device(),
+                  "masked step: master weights must be contiguous float32 on the param's device");
+      const torch::Tensor* like = !s1.empty() ? &s1[i] : nullptr;
+      if (like) TORCH_CHECK(w.numel() == like->numel(), "masked step: master weights must be laid out like the state");
+      else if (!m.offsets) TORCH_CHECK(w.numel() == n, "masked step: dense master weights need one entry per param entry");
+      m.master = ptr_or_zero(w);
     }
     m.s1 = s1.empty() ? 0 : ptr_or_zero(s1[i]);
     m.s2 = s2.empty() ? 0 : ptr_or_zero(s2[i]);
@@ -255,23 +263,25 @@ torch::Tensor masked_adamw_cuda(const std::vector<torch::Tensor>& params,
                                 const std::vector<torch::Tensor>& offsets,
                                 const std::vector<double>& steps, double lr, double beta1,
                                 double beta2, double eps, double weight_decay, bool maximize,
-                                bool skip_nonfinite, int64_t stream) {
+                                bool skip_nonfinite, int64_t stream,
+                                const std::vector<torch::Tensor>& masters) {
   const size_t n = params.size();
   TORCH_CHECK(n > 0 && grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  masks.size() == n && offsets.size() == n && steps.size() == n,
+                  masks.size() == n && offsets.size() == n && steps.size() == n &&
+                  (masters.empty() || masters.size() == n),
               "masked_adamw_cuda: argument lists differ in length (or are empty)");
   std::vector<Meta> metas;
-  const int64_t chunks = build_metas(metas, params, grads, exp_avgs, exp_avg_sqs, masks, offsets);
+  const int64_t chunks = build_metas(metas, params, grads, exp_avgs, exp_avg_sqs, masks, offsets, masters);
   for (size_t i = 0; i < n; ++i) {
     metas[i].step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, steps[i])));
     metas[i].bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, steps[i])));
   }
   Hyper hp{};
-  hp.decay = static_cast<float>(1.0 - lr * weight_decay);
-  hp.w1 = static_cast<float>(1.0 - beta1);
-  hp.beta2 = static_cast<float>(beta2);
-  hp.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  hp.eps = static_cast<float>(eps);
+  hp.adam.decay = static_cast<float>(1.0 - lr * weight_decay);
+  hp.adam.w1 = static_cast<float>(1.0 - beta1);
+  hp.adam.beta2 = static_cast<float>(beta2);
+  hp.adam.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  hp.adam.eps = static_cast<float>(eps);
   hp.maximize = maximize;
   hp.skip_nonfinite = skip_nonfinite;
   return launch(true, metas, chunks, hp, params[0].device(), stream);
@@ -283,24 +293,26 @@ torch::Tensor masked_sgd_cuda(const std::vector<torch::Tensor>& params,
                               const std::vector<torch::Tensor>& masks,
                               const std::vector<torch::Tensor>& offsets, const std::vector<bool>& first,
                               double lr, double momentum, double dampening, double weight_decay,
-                              bool nesterov, bool maximize, int64_t stream) {
+                              bool nesterov, bool maximize, int64_t stream,
+                              const std::vector<torch::Tensor>& masters) {
   const size_t n = params.size();
   const bool has_momentum = momentum != 0.0;
   TORCH_CHECK(n > 0 && grads.size() == n && masks.size() == n && offsets.size() == n &&
-                  first.size() == n && (bufs.size() == n || (!has_momentum && bufs.empty())),
+                  first.size() == n && (bufs.size() == n || (!has_momentum && bufs.empty())) &&
+                  (masters.empty() || masters.size() == n),
               "masked_sgd_cuda: argument lists differ in length (or are empty)");
   std::vector<Meta> metas;
   const std::vector<torch::Tensor> none;
-  const int64_t chunks = build_metas(metas, params, grads, has_momentum ? bufs : none, none, masks, offsets);
+  const int64_t chunks = build_metas(metas, params, grads, has_momentum ? bufs : none, none, masks, offsets, masters);
   for (size_t i = 0; i < n; ++i) metas[i].first = first[i] ? 1 : 0;
   Hyper hp{};
-  hp.lr = static_cast<float>(lr);
-  hp.momentum = static_cast<float>(momentum);
-  hp.one_minus_dampening = static_cast<float>(1.0 - dampening);
-  hp.wd = static_cast<float>(weight_decay);
+  hp.sgd.lr = static_cast<float>(lr);
+  hp.sgd.momentum = static_cast<float>(momentum);
+  hp.sgd.one_minus_dampening = static_cast<float>(1.0 - dampening);
+  hp.sgd.wd = static_cast<float>(weight_decay);
+  hp.sgd.nesterov = nesterov;
+  hp.sgd.has_momentum = has_momentum;
   hp.maximize = maximize;
-  hp.nesterov = nesterov;
-  hp.has_momentum = has_momentum;
   return launch(false, metas, chunks, hp, params[0].device(), stream);
 }
 

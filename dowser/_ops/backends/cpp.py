@@ -64,7 +64,7 @@ def masked_adamw_step(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, step
         work, [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
         none_as_empty(masks, "cpu"), none_as_empty(offsets, "cpu"), [float(s) for s in steps],
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize),
-        bool(skip_nonfinite))
+        bool(skip_nonfinite), none_as_empty([None] * len(work), "cpu"))  # masters: none
     copy_back(back)
     return bad
 
@@ -76,6 +76,7 @@ def masked_sgd_step(params, grads, bufs, masks, offsets, first, lr, momentum, da
     bad = _c().masked_sgd_cpu(
         work, [g.contiguous() for g in grads], list(bufs), none_as_empty(masks, "cpu"),
         none_as_empty(offsets, "cpu"), [bool(f) for f in first], float(lr), float(momentum),
-        float(dampening), float(weight_decay), bool(nesterov), bool(maximize))
+        float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
+        none_as_empty([None] * len(work), "cpu"))  # masters: none
     copy_back(back)
     return bad

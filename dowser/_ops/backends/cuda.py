@@ -41,7 +41,7 @@ def masked_adamw_step(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, step
         work, [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
         none_as_empty(masks, device), none_as_empty(offsets, device), [float(s) for s in steps],
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize),
-        bool(skip_nonfinite), _stream(device))
+        bool(skip_nonfinite), _stream(device), none_as_empty([None] * len(work), device))
     copy_back(back)
     return bad
 
@@ -56,6 +56,7 @@ def masked_sgd_step(params, grads, bufs, masks, offsets, first, lr, momentum, da
     bad = _c().masked_sgd_cuda(
         work, [g.contiguous() for g in grads], list(bufs), none_as_empty(masks, device),
         none_as_empty(offsets, device), [bool(f) for f in first], float(lr), float(momentum),
-        float(dampening), float(weight_decay), bool(nesterov), bool(maximize), _stream(device))
+        float(dampening), float(weight_decay), bool(nesterov), bool(maximize), _stream(device),
+        none_as_empty([None] * len(work), device))
     copy_back(back)
     return bad

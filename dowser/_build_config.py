@@ -1,0 +1,95 @@
+"""The one build configuration of dowser._C, shared by setup.py and the JIT build (dowser/_ext.py).
+
+Imported by file path from setup.py (no dowser import at build time), so it needs only the
+standard library; torch is passed in by the caller.
+
+Flags that matter for results: ``-ffp-contract=off`` always (GCC would otherwise fuse
+``p = b*c; a + p`` into an FMA wherever the target has one, and the kernels are tested bit for
+bit against the plain-PyTorch reference, which rounds every operation), and never
+``-march=native``: each CPU instruction-set path is one unit of csrc/cpu/isa/ with its own
+``#pragma GCC target`` (its -m flags), chosen at run time, so the build is the same on every
+host and a wheel runs on any CPU of its architecture.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Host C++ flags of every unit. -fno-math-errno keeps sqrtf one (vectorisable) instruction; it
+# changes no result. -ffp-contract=off is last so it wins over anything before it.
+CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+# nvcc: the device math uses explicitly rounded intrinsics; --fmad=false keeps any plain
+# expression from being contracted too, and the host side gets the same contraction rule.
+NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false", "-Xcompiler", "-ffp-contract=off"]
+LD_FLAGS = ["-fopenmp"]
+CUDA_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+# Flags a user's CFLAGS/CXXFLAGS must not bring in: they change the rounding of the kernels or
+# what the DEFAULT path may assume about the CPU.
+FORBIDDEN = ("-march=native", "-ffast-math", "-Ofast", "-ffp-contract=fast", "-funsafe-math-optimizations")
+
+
+def sources(csrc: Path) -> tuple[list[Path], list[Path]]:
+    """(C++ sources, CUDA sources) under csrc/: ops.cpp, cpu/*.cpp, cpu/isa/*.cpp, cuda/*.cu."""
+    cpp = sorted(csrc.glob("*.cpp")) + sorted((csrc / "cpu").glob("*.cpp")) + sorted((csrc / "cpu" / "isa").glob("*.cpp"))
+    return cpp, sorted((csrc / "cuda").glob("*.cu"))
+
+
+def include_dirs(csrc: Path) -> list[Path]:
+    """Header roots: csrc/include holds dowser/update_math.h (shared by CPU and CUDA)."""
+    return [csrc / "include"]
+
+
+def cuda_decision(torch_module, cuda_home: str | None, cuda_sources: list) -> tuple[bool, str]:
+    """Whether to build the CUDA sources, and why: torch has CUDA and nvcc's CUDA_HOME is found.
+    Never decided from an attached GPU, so a GPU-less build host still builds the CUDA code."""
+    if os.environ.get("DOWSER_NO_CUDA") == "1":
+        return False, "DOWSER_NO_CUDA=1"
+    if not cuda_sources:
+        return False, "no csrc/cuda sources"
+    if getattr(torch_module.version, "cuda", None) is None:
+        return False, "torch is built without CUDA"
+    if cuda_home is None:
+        return False, "CUDA_HOME (nvcc) not found"
+    return True, f"torch CUDA {torch_module.version.cuda}, CUDA_HOME={cuda_home}"
+
+
+def cxx_flags(with_cuda: bool) -> list[str]:
+    return CXX_FLAGS + (["-DDOWSER_WITH_CUDA"] if with_cuda else [])
+
+
+def nvcc_flags() -> list[str]:
+    arch = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else CUDA_ARCH_FLAGS
+    return NVCC_FLAGS + arch + ["-DDOWSER_WITH_CUDA"]
+
+
+def forbidden_env_flags(environ=os.environ) -> list[str]:
+    """Flags from CFLAGS/CXXFLAGS that this build refuses (see FORBIDDEN)."""
+    found = []
+    for var in ("CFLAGS", "CXXFLAGS", "CPPFLAGS"):
+        for flag in environ.get(var, "").split():
+            if flag in FORBIDDEN or flag.startswith("-march=native"):
+                found.append(f"{var}: {flag}")
+    return found
+
+
+def check_flags(flags: list[str]) -> None:
+    """Raise ValueError unless `flags` pin -ffp-contract=off as the last contraction flag and
+    hold nothing from FORBIDDEN (the test suite checks the shared configuration with this)."""
+    bad = [f for f in flags if f in FORBIDDEN or f.startswith("-march=native")]
+    if bad:
+        raise ValueError(f"build flags must not contain {bad}")
+    contract = [f for f in flags if f.startswith("-ffp-contract=")]
+    if not contract or contract[-1] != "-ffp-contract=off":
+        raise ValueError(f"build flags must end contraction with -ffp-contract=off, got {contract or 'none'}")
+
+
+def sanitize_env(environ=os.environ) -> list[str]:
+    """Remove FORBIDDEN flags from CFLAGS/CXXFLAGS/CPPFLAGS in place; returns what was removed
+    (compilers append these variables to every command, before our flags)."""
+    removed = forbidden_env_flags(environ)
+    for var in ("CFLAGS", "CXXFLAGS", "CPPFLAGS"):
+        if var in environ:
+            keep = [f for f in environ[var].split() if not (f in FORBIDDEN or f.startswith("-march=native"))]
+            environ[var] = " ".join(keep)
+    return removed

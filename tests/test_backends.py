@@ -103,13 +103,21 @@ def test_missing_extension_is_jit_built():
 
 
 def test_cli_info_and_selfcheck():
-    for cmd in ("info", "selfcheck"):
-        proc = subprocess.run([sys.executable, "-m", "dowser.cli", cmd], capture_output=True,
-                              text=True, cwd=ROOT, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-    assert "pack_mask" in proc.stdout and "ok" in proc.stdout
-    listed = {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
-    assert set(_registry.OPS) <= listed, f"selfcheck misses {set(_registry.OPS) - listed}"
+    import json
+
+    info = subprocess.run([sys.executable, "-m", "dowser.cli", "info"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+    assert info.returncode == 0, info.stderr
+    table = json.loads(info.stdout)
+    assert {"_C", "pack_mask", "scores", "select_mask"} <= set(table)
+    assert table["pack_mask"]["cpu"]["backend"] in ("reference", "cpp", "triton")
+    check = subprocess.run([sys.executable, "-m", "dowser.cli", "selfcheck"], capture_output=True,
+                           text=True, cwd=ROOT, timeout=300)
+    assert check.returncode == 0, check.stderr
+    rows = [line.split() for line in check.stdout.strip().splitlines()]
+    assert rows and all(len(r) == 4 and r[3] == "ok" for r in rows), check.stdout
+    assert {"pack_mask", "scores", "select_mask"} <= {r[0] for r in rows}
+    assert set(_registry.OPS) <= {r[0] for r in rows}, check.stdout
 
 
 def test_selfcheck_covers_every_op_and_backend():

@@ -42,6 +42,15 @@ def test_tiny_demo_runs_and_leaves_frozen_entries(capsys):
 
     rows = run_demo("tiny", steps=15, progress=False)
     assert [r["method"].split()[0] for r in rows] == ["zero-shot", "full", "dowser"]
-    assert rows[-1]["frozen_changed"] == 0
-    assert rows[0]["A_up"] > 0.2  # the built-in model was pre-trained: there is something to forget
-    assert "A_up" in capsys.readouterr().out
+    zero, full, sparse = rows
+    assert sparse["frozen_changed"] == 0
+    assert zero["A_up"] > 0.2  # the built-in model was pre-trained: there is something to forget
+    # Both fine-tunings learned the task: at 15 steps exact matches are still 0, so compare the
+    # per-token accuracy on the answers (A_down itself where a row has no token accuracy).
+    learned = "down_token_acc" if "down_token_acc" in zero else "A_down"
+    assert full[learned] > zero[learned] + 0.05, (learned, rows)
+    assert sparse[learned] > zero[learned] + 0.05, (learned, rows)
+    # ... and the masked one forgot less of the upstream skill than full fine-tuning
+    # (measured: zero-shot 0.42, dowser 0.41, full 0.24).
+    assert sparse["A_up"] > full["A_up"], rows
+    capsys.readouterr()

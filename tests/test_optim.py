@@ -40,14 +40,19 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _params(dtype, seed=0, device="cpu"):
-    """Awkward shapes (not multiples of 32 or 16), one non-contiguous, one 1-D unmasked."""
+CPU_BLOCK = 8192  # entries per work block of the C++ step (csrc/cpu/masked_adamw.cpp)
+
+
+def _params(dtype, seed=0, device="cpu", big=False):
+    """Awkward shapes (not multiples of 32 or 16), one non-contiguous, one 1-D unmasked; with
+    `big`, one more parameter spanning several CPU blocks (5.2 of them, split over threads)."""
     g = _gen(seed)
     a = torch.randn(33, 47, generator=g)
     b = torch.randn(29, 21, generator=g).t()  # non-contiguous parameter
     c = torch.randn(13, generator=g)  # no mask: trains densely
     d = torch.randn(3, 5, 7, generator=g)
-    return [torch.nn.Parameter(t.to(device=device, dtype=dtype)) for t in (a, b, c, d)]
+    extra = (torch.randn(61, 701, generator=g),) if big else ()
+    return [torch.nn.Parameter(t.to(device=device, dtype=dtype)) for t in (a, b, c, d) + extra]
 
 
 def _masks(params, rho, seed=1):
@@ -148,7 +153,7 @@ def test_random_mask_trainable_match_frozen_untouched(backend, dtype, compact, u
 def test_kernel_equals_reference_bitwise(backend, dtype, rho, compact, device):
     """The C++/CUDA kernels round exactly as the plain-PyTorch reference (no FMA contraction)."""
     fn = backend_fn("masked_adamw_step", backend, device)
-    sizes = [(0,), (1,), (31,), (33,), (67, 45), (1000,), (4099,)]
+    sizes = [(0,), (1,), (31,), (33,), (67, 45), (1000,), (4099,), (CPU_BLOCK + 1,), (70, 403)]
     g = _gen(5)
     ps = [torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in sizes]
     gs = [torch.randn(s, generator=g).to(device=device, dtype=dtype) * 3 for s in sizes]
@@ -177,21 +182,27 @@ def test_kernel_equals_reference_bitwise(backend, dtype, rho, compact, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
-def test_nonfinite_trainable_gradient_raises_and_writes_nothing(backend, bad_value, use_backend, device):
+@pytest.mark.parametrize("bad_value,where", [(float("nan"), "first"), (float("inf"), "first"),
+                                             (float("nan"), "last block"),
+                                             (float("-inf"), "middle block")])
+def test_nonfinite_trainable_gradient_raises_and_writes_nothing(backend, bad_value, where,
+                                                                use_backend, device):
     use_backend(backend, device)
-    params = _params(torch.float32, device=device)
+    params = _params(torch.float32, device=device, big=True)
     masks = _masks(params, 0.5)
     opt = dowser.MaskedAdamW(params, masks, lr=1e-2)
     _run(opt, params, _grads(params, 2))
     before = [p.detach().clone() for p in params]
     state = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
-    p = params[0]
-    train = reference.unpack_mask(masks[p].cpu(), p.numel())
-    first = int(train.nonzero()[0])
+    # the first trainable entry of the first parameter, or one in a later block of the big one
+    p = params[0] if where == "first" else params[-1]
+    assert p.numel() > 5 * CPU_BLOCK or where == "first"
+    train = reference.unpack_mask(masks[p].cpu(), p.numel()).nonzero().flatten()
+    at = (train[0] if where == "first" else train[-1] if where == "last block"
+          else train[train >= 2 * CPU_BLOCK + 5][0])
     for q, g in zip(params, _grads(params, 1, seed=9)[0]):
         q.grad = g
-    p.grad.view(-1)[first] = bad_value
+    p.grad.view(-1)[int(at)] = bad_value
     with pytest.raises(ValueError, match=r"NaN/Inf gradient in trainable entries"):
         opt.step()
     for q, q0 in zip(params, before):
@@ -589,7 +600,7 @@ def test_error_names_the_parameter_and_add_param_group_trains_densely():
 @pytest.mark.parametrize("rho", [0.0, 0.1, 1.0, None])
 def test_count_nonfinite_equals_reference(backend, dtype, rho):
     fn = backend_fn("count_nonfinite", backend)
-    params = _params(dtype)
+    params = _params(dtype, big=True)
     grads = _grads(params, 1)[0]  # one of them non-contiguous
     masks = [None if rho is None or p.dim() == 1 else m
              for p, m in zip(params, [_masks(params, rho or 0.0).get(p) for p in params])]
@@ -604,7 +615,7 @@ def test_count_nonfinite_equals_reference(backend, dtype, rho):
     if rho is None:
         assert want.tolist() == [int((~torch.isfinite(t)).sum()) for t in grads]
     if rho == 0.0:
-        assert want[:2].tolist() == [0, 0] and int(want[3]) == 0
+        assert want[:2].tolist() == [0, 0] and int(want[3]) == 0 and int(want[4]) == 0
 
 
 def test_count_nonfinite_refuses_a_mask_of_the_wrong_size():
@@ -621,7 +632,7 @@ def _two_groups(params, **hyper):
 @pytest.mark.parametrize("cls", ["adamw", "sgd"])
 def test_nonfinite_in_a_later_group_writes_nothing_in_any_group(backend, cls, use_backend):
     use_backend(backend)
-    params = _params(torch.float32)
+    params = _params(torch.float32, big=True)
     masks = _masks(params, 0.5)
     opt = (dowser.MaskedAdamW(_two_groups(params), masks, lr=1e-2) if cls == "adamw" else
            dowser.MaskedSGD(_two_groups(params), masks, lr=1e-2, momentum=0.9))
@@ -630,7 +641,7 @@ def test_nonfinite_in_a_later_group_writes_nothing_in_any_group(backend, cls, us
     state = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
     for q, g in zip(params, _grads(params, 1, seed=9)[0]):
         q.grad = g
-    last = params[3]  # second group
+    last = params[-1]  # second group, the one spanning several CPU blocks
     train = reference.unpack_mask(masks[last], last.numel())
     last.grad.view(-1)[int(train.nonzero()[-1])] = float("nan")
     with pytest.raises(ValueError, match=r"NaN/Inf gradient in trainable entries.*nothing was updated"):
@@ -648,7 +659,7 @@ def test_checked_multi_group_step_equals_single_group_bitwise(backend, use_backe
     use_backend(backend)
     runs = []
     for groups in (False, True):
-        params = _params(torch.bfloat16)
+        params = _params(torch.bfloat16, big=True)
         masks = _masks(params, 0.3)
         spec = [{"params": params[:2]}, {"params": params[2:]}] if groups else params
         opt = dowser.MaskedAdamW(spec, masks, lr=1e-2, weight_decay=0.1)

@@ -48,9 +48,19 @@ def _k(rho, n):
 
 
 def _check_selection(select, scores, args, k):
-    """The backend's mask is the reference selection of the backend's own scores."""
+    """The backend's scores are the fp64 scores to fp32 accuracy, and its mask is the
+    reference selection of those (its own) scores: a bug shared by scoring and selection
+    fails the first check."""
     s = scores(*args)
     assert s.dtype == torch.float32 and s.shape == args[0].shape
+    w, psi, a, bw = [t.cpu() for t in args]
+    s64 = reference.scores64(w, psi, a, bw)
+    # fp32 products and a sum over B <= 64 batches: a few ulps of the sum of |terms| (factors
+    # of either sign cancel), plus 1e-43 absolute for denormal scores
+    scale = reference.scores64(w, psi.abs(), a.abs(), bw)
+    err = (s.cpu().double() - s64).abs()
+    assert bool((err <= 1e-5 * scale + 1e-43).all()), (
+        f"scores off fp64 by up to {float((err / (scale + 1e-43)).max()):.2e} (relative)")
     got, stats = select(*args, k)
     want, want_stats = reference.select_from_scores(s.cpu(), k)
     assert got.dtype == torch.int32 and got.numel() == (args[0].numel() + 31) // 32
@@ -291,10 +301,35 @@ def test_bad_input_names_the_argument():
     assert all(torch.equal(x, y) for x, y in zip(before, (w, psi, a, bw)))
 
 
-def test_selfcheck_covers_select_ops():
+def test_selfcheck_covers_select_ops(monkeypatch):
+    """selfcheck runs every usable backend of every select op, and a wrong backend fails it."""
+    import importlib
+
+    from dowser import _registry
+
     rows = dowser.selfcheck()
-    ops_checked = {(r["op"], r["backend"]) for r in rows}
-    assert ("select_mask", "reference") in ops_checked and ("scores", "reference") in ops_checked
+    checked = {(r["op"], r["backend"]): r["result"] for r in rows}
+    for op in ("scores", "select_mask", "select_masks_global"):
+        usable = set(_registry.implementations(op, "cpu"))
+        assert {"reference", "cpp"} <= usable or "cpp" not in dowser.backend_info()[op]["cpu"][
+            "backend"]
+        assert {b for (o, b) in checked if o == op} == usable, op
+    assert set(checked.values()) == {"ok"}
+    # A backend whose scores are off by one ulp somewhere must not pass.
+    mod = importlib.import_module("dowser.selfcheck")
+    real = _registry.implementations
+
+    def broken(op, device="cpu"):
+        impls = dict(real(op, device))
+        if op == "scores":
+            good = impls["reference"]
+            impls["zz-broken"] = lambda *a: good(*a).flatten().index_add(
+                0, torch.tensor([0]), good(*a).flatten()[:1] * 1e-7).view_as(good(*a))
+        return impls
+
+    monkeypatch.setattr(mod._registry, "implementations", broken)
+    with pytest.raises(AssertionError, match="scores on zz-broken/cpu differs"):
+        dowser.selfcheck()
 
 
 def test_memory_16384_squared_fp32_b1():

@@ -3,6 +3,9 @@ model samples the rest (temperature 0.9, top-p 0.9, repetition penalty 1.05)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -80,6 +83,25 @@ def logits_of(out: Any) -> torch.Tensor:
     return logits
 
 
+def warp_logits(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The authors' sampling distribution over next tokens (before softmax): repetition
+    penalty 1.05 over the ids so far, temperature 0.9, top-p 0.9 — equal, bit for bit, to
+    transformers' RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper and
+    TopPLogitsWarper applied in generate()'s order (tests/test_probe.py checks it). Written out
+    here so the prompts do not change with transformers' internals."""
+    prev = ids.clamp_max(logits.shape[1] - 1)
+    score = logits.gather(1, prev)
+    score = torch.where(score < 0, score * REPETITION_PENALTY, score / REPETITION_PENALTY)
+    logits = logits.scatter(1, prev, score)
+    logits = logits / TEMPERATURE
+    # top-p with min_tokens_to_keep=1: drop the low tail whose mass is at most 1 - p
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cum <= (1 - TOP_P)
+    remove[:, -1] = False
+    return logits.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
+
+
 @torch.no_grad()
 def synthetic_prompts(model: nn.Module, tokenizer: Any = None, *, batch: int, n_rows: int,
                       seq_len: int = 64, seed: int = 0) -> torch.Tensor:
@@ -103,24 +125,14 @@ def synthetic_prompts(model: nn.Module, tokenizer: Any = None, *, batch: int, n_
     dev = model_device(model)
     fill = pad if pad is not None else eos
     finished = torch.zeros(n_rows, dtype=torch.bool)
+    cache_kw = cache_keyword(model)
     past = None
     cur = ids
     while ids.shape[1] < seq_len:
-        out = model(input_ids=cur.to(dev), past_key_values=past, use_cache=True)
-        past = getattr(out, "past_key_values", None)
-        logits = logits_of(out)[:, -1, :].float().cpu()
-        # repetition penalty (as transformers' RepetitionPenaltyLogitsProcessor)
-        prev = ids.clamp_max(logits.shape[1] - 1)
-        score = logits.gather(1, prev)
-        score = torch.where(score < 0, score * REPETITION_PENALTY, score / REPETITION_PENALTY)
-        logits = logits.scatter(1, prev, score)
-        logits = logits / TEMPERATURE
-        # top-p (as transformers' TopPLogitsWarper, min_tokens_to_keep=1)
-        sorted_logits, sorted_idx = torch.sort(logits, descending=False)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cum <= (1 - TOP_P)
-        remove[:, -1] = False
-        logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
+        kwargs = {} if cache_kw is None else {cache_kw: past, "use_cache": True}
+        out = model(input_ids=cur.to(dev), **kwargs)
+        past = None if cache_kw is None else _output_field(out, cache_kw)
+        logits = warp_logits(ids, logits_of(out)[:, -1, :].float().cpu())
         nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=gen).squeeze(1)
         if fill is not None:
             nxt = torch.where(finished, torch.full_like(nxt, fill), nxt)
@@ -136,6 +148,41 @@ def synthetic_prompts(model: nn.Module, tokenizer: Any = None, *, batch: int, n_
             ids = torch.cat([ids, pad_cols], dim=1)
             break
     return ids
+
+
+def cache_keyword(model: nn.Module) -> str | None:
+    """The keyword that hands a KV cache to `model.forward` (and names it in the output):
+    `cache` in transformers 5.2x, `past_key_values` before (the old name now warns), None
+    when the model takes no cache (then every step feeds the whole sequence)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return _transformers_cache_keyword()
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _transformers_cache_keyword() -> str:
+    # A forward that takes **kwargs only: use the installed transformers' own name.
+    try:
+        from transformers import LlamaModel
+    except ImportError:
+        return "past_key_values"
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters \
+        else "past_key_values"
+
+
+def _output_field(out: Any, name: str) -> Any:
+    # Key access first: on transformers 5.2x the attribute `past_key_values` is a deprecated
+    # alias that warns, and `cache` is the field itself.
+    if isinstance(out, Mapping):
+        return out.get(name)
+    return getattr(out, name, None)
 
 
 def model_device(model: nn.Module) -> torch.device:

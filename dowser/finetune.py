@@ -4,7 +4,7 @@ bench/forgetting.py. Real training code should use its own loop or HF Trainer (s
 from __future__ import annotations
 
 import random
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -50,26 +50,6 @@ def train(model: torch.nn.Module, examples: Sequence[Example], optimizer: torch.
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
-
-
-def random_masks(like: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]], rho: float,
-                 seed: int) -> dict[str, torch.Tensor]:
-    """Baseline masks: exactly the same k = floor(rho*n + 0.5) entries per matrix, chosen at random."""
-    from dowser._checks import check_rho
-    from dowser.ops import pack_mask
-
-    rho = check_rho(rho)
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name in like:
-        n = 1
-        for s in shapes[name]:
-            n *= int(s)
-        k = int(rho * n + 0.5)
-        flat = torch.zeros(n, dtype=torch.bool)
-        flat[torch.randperm(n, generator=gen)[:k]] = True
-        out[name] = pack_mask(flat.view(tuple(shapes[name]))).to(like[name].device)
-    return out
 
 
 def freeze_outside(model: torch.nn.Module, trainable: Any) -> None:

@@ -4,9 +4,8 @@
 of (seed, name, i) alone, so any user can rebuild the same mask from those three things, on any
 device, in any process, without the weights. The hash is computed chunk by chunk in int64 torch
 ops (splitmix64's finaliser over a Weyl sequence), so memory is O(chunk), and the selection of
-the k lowest keys is exact (ties by matrix order, then lower flat index) in three passes over
-the recomputed keys: a histogram of the top 16 bits, a histogram of the low 16 bits inside the
-threshold bin, then the write of the mask words.
+the k lowest keys is exact (ties by matrix order, then lower flat index) in two passes over the
+recomputed keys (see `select_lowest`).
 """
 
 from __future__ import annotations
@@ -89,13 +88,14 @@ KeyChunks = Callable[[], Iterator[torch.Tensor]]  # yields a matrix's keys in fl
 
 
 def random_key_chunks(seed: int, name: str, numel: int, device: torch.device | str,
-                      highest: bool = False, chunk: int = CHUNK) -> KeyChunks:
+                      highest: bool = False, chunk: int | None = None) -> KeyChunks:
     """A re-iterable source of the keys of `name`'s `numel` entries, `chunk` at a time.
 
     highest=True reverses the order (key -> 2^32 - 1 - key), so the bottom-k selection takes
     the k highest hashes, ties still by lower flat index.
     """
     base = stream_base(seed, name)
+    chunk = CHUNK if chunk is None else chunk
 
     def chunks() -> Iterator[torch.Tensor]:
         for s in range(0, numel, chunk):
@@ -112,11 +112,28 @@ def _digit(hist: torch.Tensor, want: int) -> tuple[int, int]:
     return d, int(cum[d - 1]) if d > 0 else 0
 
 
+def _set_bits(words: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`words` (int32) with the bits of flat entries `index` set (they must be 0 before)."""
+    if index.numel() == 0:
+        return words
+    w64 = words.to(torch.int64) & 0xFFFFFFFF
+    # distinct zero bits: their sum is their OR
+    w64.index_add_(0, (index // 32).to(words.device), (1 << (index % 32)).to(words.device))
+    return torch.where(w64 >= 2**31, w64 - 2**32, w64).to(torch.int32)
+
+
 def select_lowest(sources: Sequence[KeyChunks], numels: Sequence[int], k: int,
                   device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], torch.Tensor]:
     """Packed masks (on `device`) of the k lowest 32-bit keys over all `sources` together (ties
     by source order, then flat index), and int64 stats [threshold key, count below it, ties
-    taken] (threshold -1 when k = 0). O(chunk + 2^16) memory: keys are recomputed per pass."""
+    taken] (threshold -1 when k = 0). O(chunk + 2^16) extra memory: keys are recomputed.
+
+    Pass 1 histograms the top 16 key bits, which fixes the threshold bin; pass 2 writes every
+    entry below that bin and collects the bin's (low 16 bits, index) candidates, of which the
+    first k - (count below) in (low bits, source, index) order are then set. A bin too full to
+    collect (more than CHUNK entries: heavy ties) takes a third pass instead: a histogram of
+    its low 16 bits gives the threshold, and the write pass takes ties in order.
+    """
     from dowser.ops import pack_mask
 
     total = sum(numels)
@@ -125,24 +142,46 @@ def select_lowest(sources: Sequence[KeyChunks], numels: Sequence[int], k: int,
     if k == 0:
         return ([pack_mask(torch.zeros(n, dtype=torch.bool, device=device)) for n in numels],
                 torch.tensor([-1, 0, 0], dtype=torch.int64))
-    # pass 1: histogram of the top 16 bits
     hist = torch.zeros(1 << 16, dtype=torch.int64)
     for src in sources:
         for keys in src():
             hist += torch.bincount(_lsr(keys, 16), minlength=1 << 16).cpu()
     hi, before_hi = _digit(hist, k)
-    # pass 2: histogram of the low 16 bits inside bin `hi` -> the threshold key t
+    want = k - before_hi  # entries of bin `hi` to take
+    if int(hist[hi]) <= CHUNK:
+        masks, cands = [], []
+        for si, src in enumerate(sources):
+            words, pos = [], 0
+            for keys in src():
+                top = _lsr(keys, 16)
+                words.append(pack_mask(top < hi).to(device))
+                inbin = (top == hi).nonzero().squeeze(1)
+                if inbin.numel():
+                    cands.append((si, (inbin + pos).cpu(), (keys[inbin] & 0xFFFF).cpu()))
+                pos += keys.numel()
+            masks.append(torch.cat(words) if words else
+                         pack_mask(torch.zeros(numels[si], dtype=torch.bool, device=device)))
+        src_id = torch.cat([torch.full_like(i, si) for si, i, _ in cands])
+        index = torch.cat([i for _, i, _ in cands])
+        low = torch.cat([lo for _, _, lo in cands])
+        order = torch.sort(low, stable=True).indices[:want]  # stable: source, index order kept
+        t_low = int(low[order[-1]])
+        for si in range(len(sources)):
+            masks[si] = _set_bits(masks[si], index[order][src_id[order] == si])
+        below = before_hi + int((low < t_low).sum())
+        t = (hi << 16) | t_low
+        return masks, torch.tensor([t, below, k - below], dtype=torch.int64)
+    # heavy ties in the threshold bin: histogram its low 16 bits
     hist.zero_()
     for src in sources:
         for keys in src():
             inbin = keys[_lsr(keys, 16) == hi]
             if inbin.numel():
                 hist += torch.bincount(inbin & 0xFFFF, minlength=1 << 16).cpu()
-    lo, before_lo = _digit(hist, k - before_hi)
+    lo, before_lo = _digit(hist, want)
     t = (hi << 16) | lo
     below = before_hi + before_lo
     need = k - below  # keys equal to t taken, first come (source order, flat index) first
-    # pass 3: the words; every chunk but a matrix's last is a multiple of 32 entries
     masks, seen = [], 0
     for src, n in zip(sources, numels):
         words = []

@@ -213,29 +213,37 @@ def test_hash_matches_python_integers():
         assert _keys.hash_keys_at(base, idx).tolist() == _keys.hash_keys_reference(base, idx.tolist())
 
 
-def test_chunked_key_selection_with_heavy_ties():
+@pytest.mark.parametrize("bin_limit", [1 << 20, 16])  # collect the bin / a third pass
+def test_chunked_key_selection_with_heavy_ties(bin_limit, monkeypatch):
+    monkeypatch.setattr(_keys, "CHUNK", bin_limit)
     g = torch.Generator().manual_seed(0)
-    parts = [torch.randint(0, 5, (n,), generator=g) * 65537 for n in (1000, 33, 1, 0, 517)]
-    numels = [p.numel() for p in parts]
 
     def source(p):
         return lambda: iter(p.split(64))  # chunks of 64 (multiples of 32, as CHUNK is)
 
-    for k in (0, 1, 400, 1000, 1551):
-        got, stats = _keys.select_lowest([source(p) for p in parts], numels, k)
-        want = ref_select([p for p in parts], k, highest=False)
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
-        assert sum(popcount(m) for m in got) == k
-        if k:
-            below = sum(int((p < stats[0]).sum()) for p in parts)
-            assert int(stats[1]) == below and int(stats[1] + stats[2]) == k
+    heavy = [torch.randint(0, 5, (n,), generator=g) * 65537 for n in (1000, 33, 1, 0, 517)]
+    spread = [torch.randint(0, 2**32, (n,), generator=g) for n in (700, 65, 0, 300)]
+    spread[1][:10] = spread[0][:10]  # a few ties across matrices
+    spread[0][100:110] = spread[0][5]  # and within one
+    for parts in (heavy, spread):
+        numels = [p.numel() for p in parts]
+        for k in sorted({0, 1, 7, 400, sum(numels) // 2, sum(numels) - 1, sum(numels)}):
+            got, stats = _keys.select_lowest([source(p) for p in parts], numels, k)
+            want = ref_select([p for p in parts], k, highest=False)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), k
+            assert sum(popcount(m) for m in got) == k
+            if k:
+                below = sum(int((p < stats[0]).sum()) for p in parts)
+                assert int(stats[1]) == below and int(stats[1] + stats[2]) == k
+                assert int(stats[0]) == int(torch.cat(parts).sort().values[k - 1])
     with pytest.raises(ValueError, match="k must be"):
-        _keys.select_lowest([source(p) for p in parts], numels, 1552)
+        _keys.select_lowest([source(p) for p in heavy], [p.numel() for p in heavy], 1552)
 
 
 def test_random_without_stats_and_chunk_boundaries(monkeypatch):
     monkeypatch.setattr(_keys, "CHUNK", 96)  # many chunks per matrix, a short last one
     model = Awkward()
+    assert len(list(_keys.random_key_chunks(0, "x", 37 * 101, "cpu")())) == 39
     masks = build_masks(model, None, 0.37, method="random", seed=11, targets=model.names())
     assert_same(masks, ref_masks(model, None, 0.37, "random", seed=11, targets=model.names()))
     glob = build_masks(model, None, 0.37, method="random", seed=11, scope="global",

@@ -25,6 +25,11 @@ with malloc_trim first); the number includes the model and its gradients.
 
 Masks: Model-Dowser masks from a small data-free probe (--probe-samples prompts; probing is not
 timed), built with dowser.build_masks.
+
+Two diagnostic rows (skip with --no-extra): full fine-tuning with the loss as train() computed
+it before (`model(**batch).loss`: logits of every position through the 49k-vocabulary head),
+and dowser at rho = 0.1 on the plain-PyTorch reference step (DOWSER_BACKEND=reference: what a
+dowser install without its C++ extension runs).
 """
 
 from __future__ import annotations
@@ -65,24 +70,37 @@ def _dowser_name(rho: float) -> str:
     return f"dowser rho={rho}, MaskedAdamW"
 
 
-def _configs(params, masks_by_rho, model, lr):
-    """name -> (optimizer factory, shares the AdamW state)."""
+FULL_VOCAB = "full FT, torch AdamW (default), full-vocab loss"
+REFERENCE = "dowser rho=0.1, MaskedAdamW, reference backend (no dowser._C)"
+
+
+def _full_vocab_loss(model, batch):
+    return model(**batch).loss  # what dowser.finetune.train computed before answer_loss
+
+
+def _configs(params, masks_by_rho, model, lr, extra: bool):
+    """name -> (optimizer factory, loss function, DOWSER_BACKEND to force or None)."""
+    def adamw(**kw):
+        return lambda: torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **kw)
+
+    def masked(masks):
+        return lambda: dowser.MaskedAdamW(params, masks, model=model, lr=lr, weight_decay=0.0)
+
     out = {
-        "full FT, torch AdamW (default)": lambda: torch.optim.AdamW(params, lr=lr,
-                                                                    weight_decay=0.0),
-        "full FT, torch AdamW foreach": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=0.0,
-                                                                  foreach=True),
-        "full FT, torch AdamW fused": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=0.0,
-                                                                fused=True),
+        "full FT, torch AdamW (default)": (adamw(), answer_loss, None),
+        "full FT, torch AdamW foreach": (adamw(foreach=True), answer_loss, None),
+        "full FT, torch AdamW fused": (adamw(fused=True), answer_loss, None),
     }
     for rho, masks in masks_by_rho.items():
-        out[_dowser_name(rho)] = (
-            lambda masks=masks: dowser.MaskedAdamW(params, masks, model=model, lr=lr,
-                                                   weight_decay=0.0))
+        out[_dowser_name(rho)] = (masked(masks), answer_loss, None)
+    if extra:
+        out[FULL_VOCAB] = (adamw(), _full_vocab_loss, None)
+        if 0.1 in masks_by_rho:
+            out[REFERENCE] = (masked(masks_by_rho[0.1]), answer_loss, "reference")
     return out
 
 
-def _step(model, params, opt, examples, pad_id, rng_seed):
+def _step(model, params, opt, examples, pad_id, rng_seed, loss_fn=answer_loss, backend=None):
     """One train() step, timed per phase: {phase: (wall s, cpu s)}."""
     out = {}
 
@@ -93,16 +111,22 @@ def _step(model, params, opt, examples, pad_id, rng_seed):
     t, c = time.perf_counter(), time.process_time()
     batch = collate(random.Random(rng_seed).sample(examples, 8), pad_id)
     t, c = mark("batch", t, c)
-    loss = answer_loss(model, batch)
+    loss = loss_fn(model, batch)
     t, c = mark("forward", t, c)
     loss.backward()
     t, c = mark("backward", t, c)
     finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)))
     t, c = mark("clip", t, c)
-    if finite and isinstance(opt, dowser.MaskedAdamW):  # as dowser.finetune.train does
-        opt.step(grads_finite=True)
-    else:
-        opt.step()
+    if backend:
+        os.environ["DOWSER_BACKEND"] = backend  # read by the op dispatcher at each call
+    try:
+        if finite and isinstance(opt, dowser.MaskedAdamW):  # as dowser.finetune.train does
+            opt.step(grads_finite=True)
+        else:
+            opt.step()
+    finally:
+        if backend:
+            del os.environ["DOWSER_BACKEND"]
     t, c = mark("optim", t, c)
     opt.zero_grad(set_to_none=True)
     mark("zero_grad", t, c)
@@ -110,7 +134,7 @@ def _step(model, params, opt, examples, pad_id, rng_seed):
 
 
 def run_depth(dm, layers: int, rhos: list[float], steps: int, warmup: int, probe_samples: int,
-              lr: float) -> list[dict]:
+              lr: float, extra: bool) -> list[dict]:
     model = dm.model
     t0 = time.perf_counter()
     stats = dowser.probe(model, dm.probe_tokenizer, layers=layers, n_samples=probe_samples,
@@ -123,17 +147,18 @@ def run_depth(dm, layers: int, rhos: list[float], steps: int, warmup: int, probe
     n_params = sum(p.numel() for p in params)
     n_masked = sum(model.get_parameter(n).numel() for n in masks_by_rho[rhos[0]])
     examples = cipher_examples(dm.tokenizer, 512, seed=1000, bos_id=dm.bos_id)
-    factories = _configs(params, masks_by_rho, model, lr)
-    opts = {name: make() for name, make in factories.items()}
+    configs = _configs(params, masks_by_rho, model, lr, extra)
+    opts = {name: make() for name, (make, _, _) in configs.items()}
     shared = opts["full FT, torch AdamW (default)"].state
     for name, opt in opts.items():
-        if name.startswith("full FT"):
+        if isinstance(opt, torch.optim.AdamW):
             opt.state = shared  # one AdamW state for the three implementations
     model.train()
     times: dict[str, list[dict]] = {name: [] for name in opts}
     for i in range(warmup + steps):
         for name, opt in opts.items():
-            ph = _step(model, params, opt, examples, dm.pad_id, rng_seed=i)
+            _, loss_fn, backend = configs[name]
+            ph = _step(model, params, opt, examples, dm.pad_id, i, loss_fn, backend)
             if i >= warmup:
                 times[name].append(ph)
         print(f"[{layers} layers] step {i + 1}/{warmup + steps}", flush=True)
@@ -142,13 +167,13 @@ def run_depth(dm, layers: int, rhos: list[float], steps: int, warmup: int, probe
     _trim()
     # peak RSS of two steps from a fresh optimizer, one configuration at a time
     peaks = {}
-    for name, make in factories.items():
+    for name, (make, loss_fn, backend) in configs.items():
         _trim()
         base = _read_status_kib("VmRSS")
         reset_peak_rss()
         opt = make()
         for i in range(2):
-            _step(model, params, opt, examples, dm.pad_id, rng_seed=i)
+            _step(model, params, opt, examples, dm.pad_id, i, loss_fn, backend)
         peaks[name] = (_read_status_kib("VmHWM") / 1024, base / 1024)
         del opt
         model.zero_grad(set_to_none=True)
@@ -164,6 +189,8 @@ def run_depth(dm, layers: int, rhos: list[float], steps: int, warmup: int, probe
     trainable = {name: n_params for name in times}
     for rho, masks in masks_by_rho.items():
         trainable[_dowser_name(rho)] = sum(t for t, _ in masks.counts().values()) + n_params - n_masked
+    if REFERENCE in times:
+        trainable[REFERENCE] = trainable[_dowser_name(0.1)]
     for name in times:
         row = {"layers": layers, "config": name, "trainable": trainable[name],
                "step_cpu_s": total[name][1], "step_wall_s": total[name][0],
@@ -190,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-samples", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--name", default="step")
+    ap.add_argument("--no-extra", action="store_true",
+                    help="skip the two diagnostic rows (full-vocab loss; reference backend)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for layers in args.layers:
         rows += run_depth(dm, layers, args.rhos, args.steps, args.warmup, args.probe_samples,
-                          args.lr)
+                          args.lr, not args.no_extra)
     info = dowser.backend_info()
     notes = (
         "SmolLM2-135M-Instruct (fp32), batch 8 digit-cipher examples, answer-token loss "
@@ -211,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         "forward, backward, clip (clip_grad_norm_), optim (optimizer.step), zero_grad. "
         "peak_rss_mb: peak resident set of two steps from a fresh optimizer (model and "
         "gradients included); rss_before_mb: resident set just before. trainable: entries "
-        "the optimizer updates (masked matrices' mask counts + dense 1-D parameters).\n\n"
+        "the optimizer updates (masked matrices' mask counts + dense 1-D parameters). "
+        f"Diagnostic rows: '{FULL_VOCAB}' = the loss of every position through the "
+        "vocabulary head, as train() computed it before; "
+        f"'{REFERENCE}' = the plain-PyTorch fallback step.\n\n"
         f"- masked_adamw_step backend: {info['masked_adamw_step']['cpu']['backend']} "
         f"({info['masked_adamw_step']['cpu']['why']}); dowser._C: {info['_C']['how']}\n"
         f"- torch threads: {torch.get_num_threads()}; load average (1 min) at start / end: "

@@ -30,8 +30,7 @@ from common import RESULTS, pyplot, write_results  # noqa: E402
 
 import dowser  # noqa: E402
 from dowser.demo import last_layer_params, load_smollm2  # noqa: E402
-from dowser.finetune import evaluate, freeze_outside, random_masks, train  # noqa: E402
-from dowser.masks import MaskSet  # noqa: E402
+from dowser.finetune import evaluate, freeze_outside, train  # noqa: E402
 from dowser.probe import decoder_layers  # noqa: E402
 from dowser.tasks import cipher_examples, upstream_chunks, upstream_texts  # noqa: E402
 
@@ -140,10 +139,7 @@ def main() -> None:
                     if stats is None:
                         stats = dowser.probe(model, dm.tokenizer, layers=layers, n_samples=args.n_samples,
                                              seed=seed, **probe_kw)
-                    masks = dowser.build_masks(model, stats, rho=rho)
-                    if method == "random":
-                        masks = MaskSet(random_masks(masks, masks.shapes, rho, seed), masks.shapes,
-                                        {**masks.metadata, "random": True})
+                    masks = dowser.build_masks(model, stats, rho=rho, method=method, seed=seed)
                     freeze_outside(model, last_layer_params(model, layers))
                     before = {n: model.get_parameter(n).detach().cpu().clone() for n in masks}
                     opt = dowser.MaskedAdamW([p for p in model.parameters() if p.requires_grad], masks,

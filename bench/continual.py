@@ -46,7 +46,7 @@ TASKS = list(CIPHERS)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=20, help="training steps per task")
+    ap.add_argument("--steps", type=int, default=16, help="training steps per task")
     ap.add_argument("--layers", type=int, default=2, help="last L decoder layers tuned")
     ap.add_argument("--rho", type=float, default=0.2)
     ap.add_argument("--lr-full", type=float, default=3e-4)
@@ -54,10 +54,10 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=4, help="data-free probe prompts per stage")
     ap.add_argument("--n-rademacher", type=int, default=2)
     ap.add_argument("--probe-seq-len", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--digits", type=int, nargs=2, default=[2, 4], help="min and max digits")
-    ap.add_argument("--n-test", type=int, default=32, help="test examples per task")
-    ap.add_argument("--up-chunks", type=int, default=4, help="128-token chunks for A_up")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--digits", type=int, nargs=2, default=[2, 3], help="min and max digits")
+    ap.add_argument("--n-test", type=int, default=24, help="test examples per task")
+    ap.add_argument("--up-chunks", type=int, default=2, help="128-token chunks for A_up")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
@@ -95,6 +95,8 @@ def main() -> None:
         rows.append({"method": method, "stage": stage, "trained": TASKS[stage - 1],
                      "train_s": round(seconds, 1), **measure(model), **(extra or {})})
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
+        # what is measured so far, in case the run is cut short
+        write_results("continual", rows, args.device, notes="(partial: the run has not finished)")
 
     # full fine-tuning of the last L layers
     model = copy.deepcopy(base)

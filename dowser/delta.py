@@ -42,9 +42,14 @@ def frozen_hash(param: torch.Tensor, packed: torch.Tensor) -> str:
     of every entry whose mask bit is 0, in row-major order. Same on every device."""
     from dowser._checks import check_packed
 
+    from dowser.distributed import _is_dtensor
+
     check_packed("mask", packed, param.numel())
     h = hashlib.sha256(f"{param.dtype}:{tuple(param.shape)};".encode())
-    flat = param.detach().reshape(-1)
+    t = param.detach()
+    if _is_dtensor(t):  # a sharded parameter: every rank gathers it (a collective) and agrees
+        t = t.full_tensor()
+    flat = t.reshape(-1)
     frozen = ~_bool_mask(packed, param.numel())
     for start in range(0, flat.numel(), _CHUNK):
         part = flat[start:start + _CHUNK].cpu()[frozen[start:start + _CHUNK]]

@@ -59,6 +59,7 @@ def test_export_round_trip_is_bit_exact(tmp_path, dtype, scope):
     # every weight bit for bit: masked entries (one slot, or two where w + v cannot reach the
     # fine-tuned value), frozen entries (spare slots add -0.0) and the norms (modules_to_save)
     assert report["inexact"] == 0, report
+    assert report["two_slot"] > 0, report  # the path for entries w + v cannot reach is exercised
     for (pname, p), q in zip(tuned.named_parameters(), merged.parameters()):
         assert _same_bits(p, q), f"{pname}: merged weight differs from the dowser fine-tune"
     assert torch.equal(unmerged, want) and torch.equal(merged(input_ids=ids).logits, want)

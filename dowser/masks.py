@@ -108,6 +108,89 @@ class MaskSet(Mapping):
                           "estimator", "probe_seed", "model_name") if k in self.metadata)
         return meta + "\n" + "\n".join(lines)
 
+    # -- set operations (continual learning) ---------------------------------------------
+    def _combine(self, other: "MaskSet", op: str) -> "MaskSet":
+        if not isinstance(other, MaskSet):
+            return NotImplemented
+        for name in self.keys() & other.keys():
+            if self.shapes[name] != other.shapes[name]:
+                raise ValueError(f"MaskSet {op}: parameter {name!r} is {self.shapes[name]} in "
+                                 f"one mask set and {other.shapes[name]} in the other")
+        if op == "|":
+            names = list(self) + [n for n in other if n not in self._masks]
+        elif op == "&":
+            names = [n for n in self if n in other._masks]
+        else:
+            names = list(self)
+        out = {}
+        for name in names:
+            a, b = self._masks.get(name), other._masks.get(name)
+            if a is not None and b is not None:
+                b = b.to(a.device)
+            if op == "|":
+                word = a if b is None else (b if a is None else a | b)
+            elif op == "&":
+                word = a & b
+            else:  # padding bits of ~b are 1 but a's are 0, so a & ~b keeps them 0
+                word = a if b is None else a & ~b
+            out[name] = word.clone()
+        shapes = {n: self.shapes.get(n, other.shapes.get(n)) for n in names}
+        # rho/scope/probe settings describe one selection, not a combination of two
+        keep = ("model_name", "model_class", "config_hash", "dowser_version")
+        meta = {k: self.metadata[k] for k in keep if k in self.metadata}
+        meta["derived"] = op
+        return MaskSet(out, shapes, meta)
+
+    def __or__(self, other: "MaskSet") -> "MaskSet":
+        """Union: an entry is set if it is set in either (parameters of both kept)."""
+        return self._combine(other, "|")
+
+    def __and__(self, other: "MaskSet") -> "MaskSet":
+        """Intersection: an entry is set if it is set in both (only shared parameters)."""
+        return self._combine(other, "&")
+
+    def __sub__(self, other: "MaskSet") -> "MaskSet":
+        """Difference: entries set here and not in `other` (this set's parameters)."""
+        return self._combine(other, "-")
+
+    # -- content identity -------------------------------------------------------------------
+    def frozen_hashes(self, model: nn.Module) -> dict[str, str]:
+        """parameter name -> sha256 of its frozen entries (dtype, shape, bytes in flat order).
+
+        Frozen entries never move under dowser fine-tuning, so the hash is the same before and
+        after training, and it tells two same-shaped models apart."""
+        from dowser.delta import frozen_hash
+
+        params = dict(model.named_parameters())
+        out = {}
+        for name, packed in self._masks.items():
+            if name not in params:
+                raise ValueError(f"this {type(model).__name__} has no parameter {name!r} named "
+                                 "by the masks")
+            out[name] = frozen_hash(params[name], packed)
+        return out
+
+    def bind(self, model: nn.Module) -> "MaskSet":
+        """Record the frozen-entry hashes of `model` in metadata["frozen_sha256"] (in place;
+        returns self), so that MaskSet.load(path, model, check_content=True) can refuse a
+        same-shaped different model. dowser.prepare does this for you."""
+        self.metadata["frozen_sha256"] = self.frozen_hashes(model)
+        return self
+
+    def check_content(self, model: nn.Module, path: str | os.PathLike | None = None) -> None:
+        """Raise ValueError (naming the layer) unless `model`'s frozen entries hash to the
+        values recorded by `bind`."""
+        where = f"mask file {path}" if path is not None else "these masks"
+        recorded = self.metadata.get("frozen_sha256")
+        if not recorded:
+            raise ValueError(f"{where} hold no content hashes (made before MaskSet.bind or "
+                             "dowser.prepare recorded them): cannot check the model's content")
+        found = self.frozen_hashes(model)
+        for name, digest in recorded.items():
+            if found.get(name) != digest:
+                raise ValueError(f"{where} were made for another model: the frozen entries of "
+                                 f"{name!r} differ (same names and shapes, other weights)")
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the masks (int32 words) and metadata to a safetensors file (no pickle)."""
         tensors = {k: v.detach().cpu().clone() for k, v in self._masks.items()}
@@ -120,9 +203,11 @@ class MaskSet(Mapping):
                                "config_hash", "dowser_version"))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "MaskSet":
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None, *,
+             check_content: bool = False) -> "MaskSet":
         """Read a mask file; with `model`, refuse one made for another model: the message names
-        the first parameter that is missing or has another shape."""
+        the first parameter that is missing or has another shape. With check_content=True
+        also refuse a same-shaped different model (hashes of the frozen entries, see bind)."""
         from dowser._checks import check_packed
 
         meta, tensors = _artifacts.load(path, KIND)
@@ -145,7 +230,12 @@ class MaskSet(Mapping):
                     raise ValueError(
                         f"mask file {path} was made for another model: parameter {name!r} is "
                         f"{tuple(params[name].shape)} here but {shape} in the file")
-        return cls(masks, shapes, meta, samples)
+        out = cls(masks, shapes, meta, samples)
+        if check_content:
+            if model is None:
+                raise ValueError("check_content=True needs model=")
+            out.check_content(model, path)
+        return out
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:

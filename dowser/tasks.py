@@ -154,3 +154,32 @@ def task_accuracy(model: torch.nn.Module, examples: Sequence[Example], pad_id: i
         exact += int((correct | ~valid).all(dim=1).sum())
     model.train(was_training)
     return {"token_acc": tok_hits / tok_total, "exact_match": exact / len(examples)}
+
+
+# --- several ciphers, one per task, for the continual-learning bench (bench/continual.py) ---
+
+CIPHERS = {
+    "alpha": CIPHER,
+    "beta": dict(zip("0123456789", "pxjgnsdtly")),
+    "gamma": dict(zip("0123456789", "ucfaoiwbkr")),
+}
+
+
+def named_cipher_examples(tokenizer: Any, task: str, n: int, seed: int, min_digits: int = 3,
+                          max_digits: int = 6, bos_id: int | None = None) -> list[Example]:
+    """`n` examples of the cipher `task` (a key of CIPHERS), reproducible from `seed`.
+
+    The prompt names the task ("beta: 3 9 1 =" -> " g l x"), so one model can hold all of them:
+    learning one cipher after another overwrites the earlier ones only through forgetting."""
+    if task not in CIPHERS:
+        raise ValueError(f"task must be one of {sorted(CIPHERS)}, got {task!r}")
+    table = CIPHERS[task]
+    rng = random.Random(f"{task}:{seed}")
+    out = []
+    for _ in range(n):
+        digits = [rng.choice("0123456789") for _ in range(rng.randint(min_digits, max_digits))]
+        prompt = ([bos_id] if bos_id is not None else []) + \
+            _encode(tokenizer, f"{task}: " + " ".join(digits) + " =")
+        answer = _encode(tokenizer, " " + " ".join(table[d] for d in digits) + "\n")
+        out.append(Example(prompt, answer))
+    return out

@@ -1,0 +1,214 @@
+"""Continual learning: MaskSet set operations and selection that keeps earlier tasks' entries
+frozen (dowser.build_masks_excluding / dowser.prepare(protect=)), against plain references."""
+
+import copy
+
+import pytest
+import torch
+
+import dowser
+from dowser.masks import MaskSet
+from dowser.ops import pack_mask, popcount, unpack_mask
+from dowser.probe import ProbeEntry, ProbeStats
+from tests.models import tiny_llama
+
+PROBE = dict(n_samples=4, batch_size=2, n_rademacher=2, seq_len=16, progress=False)
+
+
+def _random_set(shapes, p, seed):
+    gen = torch.Generator().manual_seed(seed)
+    masks = {n: pack_mask(torch.rand(s, generator=gen) < p) for n, s in shapes.items()}
+    return MaskSet(masks, shapes, {"rho": p, "model_name": "x"})
+
+
+def _bools(ms):
+    return {n: unpack_mask(ms[n], ms.shapes[n]) for n in ms}
+
+
+# --- set operations ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 64), (33, 31)])
+def test_set_operations_match_bool_reference(shape):
+    a = _random_set({"w": shape, "only_a": (2, 3)}, 0.4, 0)
+    b = _random_set({"w": shape, "only_b": (9,)}, 0.6, 1)
+    A, B = _bools(a), _bools(b)
+    union, inter, diff = a | b, a & b, a - b
+    assert list(union) == ["w", "only_a", "only_b"] and list(inter) == ["w"]
+    assert list(diff) == ["w", "only_a"]
+    assert torch.equal(unpack_mask(union["w"], shape), A["w"] | B["w"])
+    assert torch.equal(unpack_mask(inter["w"], shape), A["w"] & B["w"])
+    assert torch.equal(unpack_mask(diff["w"], shape), A["w"] & ~B["w"])
+    assert torch.equal(union["only_b"], b["only_b"]) and torch.equal(diff["only_a"], a["only_a"])
+    n = shape[0] * shape[1]
+    for ms in (union, inter, diff):  # padding bits stay 0: popcount equals the bool count
+        for name in ms:
+            assert popcount(ms[name]) == int(unpack_mask(ms[name], ms.shapes[name]).sum())
+    assert popcount(diff["w"]) + popcount(inter["w"]) == popcount(a["w"]) <= n
+    assert "rho" not in union.metadata and union.metadata["model_name"] == "x"
+    # the operands are not changed
+    assert torch.equal(_bools(a)["w"], A["w"])
+
+
+def test_set_operations_refuse_other_shapes_and_types():
+    a = _random_set({"w": (4, 8)}, 0.5, 0)
+    b = _random_set({"w": (8, 4)}, 0.5, 1)
+    with pytest.raises(ValueError, match="'w' is"):
+        a | b
+    with pytest.raises(TypeError):
+        a | {"w": b["w"]}
+
+
+# --- selection among unprotected entries -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def probed():
+    model = tiny_llama(n_layers=2)
+    stats = dowser.probe(model, None, layers=1, **PROBE)
+    return model, stats
+
+
+def _scores_by_param(model, stats):
+    named = dict(model.named_modules())
+    out = {}
+    for mname, e in stats.items():
+        w = named[mname].weight
+        out[mname + ".weight"] = dowser.ops.scores(w, e.out_factors, e.in_factors,
+                                                   batch_weights=e.batch_weights).double()
+    return out
+
+
+def _reference(scores, protect, rho, scope):
+    """k lowest scores with protected entries at +inf; ties to the lower (layer, flat) index."""
+    def bottom(flat, k):
+        order = torch.sort(flat, stable=True).indices[:k]
+        sel = torch.zeros(flat.numel(), dtype=torch.bool)
+        sel[order] = True
+        return sel
+
+    flats = {}
+    for name, s in scores.items():
+        f = s.reshape(-1).clone()
+        if name in protect:
+            f[unpack_mask(protect[name], s.shape).reshape(-1)] = float("inf")
+        flats[name] = f
+    if scope == "global":
+        allf = torch.cat(list(flats.values()))
+        sel = bottom(allf, int(rho * allf.numel() + 0.5))
+        out, i = {}, 0
+        for name, f in flats.items():
+            out[name] = sel[i:i + f.numel()].view(scores[name].shape)
+            i += f.numel()
+        return out
+    return {n: bottom(f, int(rho * f.numel() + 0.5)).view(scores[n].shape) for n, f in flats.items()}
+
+
+@pytest.mark.parametrize("scope", ["matrix", "global"])
+@pytest.mark.parametrize("kind", ["earlier_task", "random_half", "none"])
+def test_excluding_equals_plain_reference(probed, scope, kind):
+    model, stats = probed
+    rho = 0.2
+    shapes = {n + ".weight": tuple(dict(model.named_modules())[n].weight.shape) for n in stats}
+    if kind == "earlier_task":
+        protect = dowser.build_masks(model, stats, rho=0.25, scope=scope)
+    elif kind == "random_half":
+        protect = _random_set(shapes, 0.5, 3)
+    else:
+        protect = MaskSet({}, {})
+    masks = dowser.build_masks_excluding(model, stats, protect, rho=rho, scope=scope)
+    ref = _reference(_scores_by_param(model, stats), protect, rho, scope)
+    total = 0
+    for name, want in ref.items():
+        got = unpack_mask(masks[name], want.shape)
+        assert torch.equal(got, want), f"{name}: selection differs from the reference"
+        if name in protect:
+            assert not (got & unpack_mask(protect[name], want.shape)).any()
+        if scope == "matrix":
+            assert int(got.sum()) == int(rho * want.numel() + 0.5)
+        total += int(got.sum())
+    if scope == "global":
+        n = sum(w.numel() for w in ref.values())
+        assert total == int(rho * n + 0.5)
+
+
+def test_excluding_ties_go_to_the_lowest_free_index():
+    """Constant scores: every entry ties, so the new mask is the first k free flat indices."""
+    model = tiny_llama(n_layers=1)
+    name = "model.layers.0.self_attn.q_proj"
+    w = dict(model.named_modules())[name].weight
+    with torch.no_grad():
+        w.fill_(0.5)
+        w[0, :3] = 0.0  # zero scores rank first
+    d_out, d_in = w.shape
+    stats = ProbeStats({name: ProbeEntry(torch.ones(1, d_out), torch.ones(1, d_in), torch.ones(1))})
+    n = w.numel()
+    gen = torch.Generator().manual_seed(0)
+    prot_bool = torch.rand(n, generator=gen) < 0.5
+    prot_bool[1] = True  # one zero-score entry protected
+    protect = MaskSet({name + ".weight": pack_mask(prot_bool.view(w.shape))},
+                      {name + ".weight": tuple(w.shape)})
+    for rho in (0.0, 0.1, 0.3, 0.5):
+        k = int(rho * n + 0.5)
+        if k > n - int(prot_bool.sum()):
+            continue
+        masks = dowser.build_masks_excluding(model, stats, protect, rho=rho)
+        got = unpack_mask(masks[name + ".weight"], (n,))
+        free = (~prot_bool).nonzero().flatten()
+        zeros_free = [i for i in (0, 2) if not prot_bool[i]]
+        order = zeros_free + [int(i) for i in free if int(i) not in (0, 1, 2)]
+        want = torch.zeros(n, dtype=torch.bool)
+        want[order[:k]] = True
+        assert torch.equal(got, want), rho
+
+
+def test_too_few_free_entries_is_an_error(probed):
+    model, stats = probed
+    shapes = {n + ".weight": tuple(dict(model.named_modules())[n].weight.shape) for n in stats}
+    nearly_all = _random_set(shapes, 0.95, 5)
+    with pytest.raises(ValueError, match="protect leaves .* free, fewer than the k"):
+        dowser.build_masks_excluding(model, stats, nearly_all, rho=0.1)
+    with pytest.raises(ValueError, match="scope='global'"):
+        dowser.build_masks_excluding(model, stats, nearly_all, rho=0.1, scope="global")
+    # rho=0 always fits; exactly as many free as needed fits too
+    zero = dowser.build_masks_excluding(model, stats, nearly_all, rho=0.0)
+    assert all(popcount(v) == 0 for v in zero.values())
+    name = next(iter(shapes))
+    n = shapes[name][0] * shapes[name][1]
+    k = int(0.5 * n + 0.5)
+    exact = torch.zeros(n, dtype=torch.bool)
+    exact[: n - k] = True
+    got = dowser.build_masks_excluding(model, stats, MaskSet({name: pack_mask(exact.view(shapes[name]))},
+                                                             {name: shapes[name]}), rho=0.5)
+    assert torch.equal(unpack_mask(got[name], (n,)), ~exact)
+
+
+def test_prepare_protect_freezes_earlier_entries(tmp_path):
+    model = tiny_llama(n_layers=3)
+    first = dowser.prepare(model, None, rho=0.2, layers=2, **PROBE)
+    assert any(p.requires_grad for n, p in model.named_parameters() if n.endswith("norm.weight"))
+    second = dowser.prepare(model, None, rho=0.2, layers=2, protect=[first], seed=1, **PROBE)
+    for name in second:
+        shape = second.shapes[name]
+        a, b = unpack_mask(first[name], shape), unpack_mask(second[name], shape)
+        assert not (a & b).any(), name
+        assert int(b.sum()) == int(0.2 * a.numel() + 0.5)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(second)  # 1-D parameters frozen under protect
+    both = first | second
+    with pytest.raises(ValueError, match="fewer than the k"):
+        dowser.prepare(model, None, rho=0.7, layers=2, protect=both, **PROBE)  # before probing
+
+    # content hashes recorded by prepare: a same-shaped different model is refused on load
+    path = tmp_path / "m.safetensors"
+    second.save(path)
+    assert dowser.MaskSet.load(path, model, check_content=True).keys() == second.keys()
+    other = tiny_llama(n_layers=3, seed=1)
+    dowser.MaskSet.load(path, other)  # names and shapes alone cannot tell
+    with pytest.raises(ValueError, match="frozen entries of .* differ"):
+        dowser.MaskSet.load(path, other, check_content=True)
+    # training the masked entries does not change the hash
+    trained = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in second:
+            p = trained.get_parameter(name)
+            p[unpack_mask(second[name], p.shape)] += 1.0
+    dowser.MaskSet.load(path, trained, check_content=True)

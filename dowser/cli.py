@@ -315,7 +315,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from dowser.masks import MaskSet
 
     masks = MaskSet.load(args.masks)
-    print(f"method={mask_method(masks)}, " + masks.summary())
+    print(masks.summary())
     if args.plot:
         plot_masks(masks, args.plot)
         print(f"wrote {args.plot}")

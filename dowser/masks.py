@@ -103,9 +103,10 @@ class MaskSet(Mapping):
             all_n += n
         lines.append(f"{'total':<{width}}  {'':>14}  {all_t:>11}  {all_n:>11}  "
                      f"{(all_t / all_n if all_n else 0):>8.4f}")
-        meta = ", ".join(f"{k}={self.metadata[k]}" for k in
-                         ("method", "select", "rho", "scope", "seed", "n_samples", "n_rademacher",
-                          "estimator", "probe_seed", "model_name") if k in self.metadata)
+        # files from before scoring methods existed hold dowser masks
+        meta = ", ".join([f"method={self.metadata.get('method', 'dowser')}"] + [
+            f"{k}={self.metadata[k]}" for k in ("select", "rho", "scope", "seed", "n_samples", "n_rademacher",
+                          "estimator", "probe_seed", "model_name") if k in self.metadata])
         return meta + "\n" + "\n".join(lines)
 
     # -- set operations (continual learning) ---------------------------------------------

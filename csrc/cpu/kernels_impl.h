@@ -271,8 +271,9 @@ void count_bad(const Item* items, const Task* tasks, int64_t nt, int64_t* per_ta
 
 // ---- phase B: the update math (dowser/update_math.h) over contiguous buffers ----------------
 template <bool kSkip, bool kMax>
-int64_t adam_buf(int64_t n, float* __restrict p, const float* __restrict g, float* __restrict m,
-                 float* __restrict v, const math::AdamScalars& s) {
+inline __attribute__((always_inline)) int64_t adam_loop(int64_t n, float* __restrict p,
+                                                        const float* __restrict g, float* __restrict m,
+                                                        float* __restrict v, const math::AdamScalars& s) {
   int64_t bad = 0;
 #pragma omp simd reduction(+ : bad)
   for (int64_t t = 0; t < n; ++t) {
@@ -309,6 +310,27 @@ void sgd_buf(int64_t n, float* __restrict p, const float* __restrict g, float* _
     p[t] = pn;
     if (kMom) b[t] = bn;
   }
+}
+
+// A sub-block holds a few dozen entries at rho = 0.1, so a scalar epilogue (up to 15 entries
+// of divides and square roots) costs about as much as the vector body: the last n % 16 entries
+// run instead as one zero-padded vector of 16 in local buffers (zeros are finite and stay
+// finite), and only the real entries are copied back.
+constexpr int64_t kTail = 16;
+
+template <bool kSkip, bool kMax>
+int64_t adam_buf(int64_t n, float* __restrict p, const float* __restrict g, float* __restrict m,
+                 float* __restrict v, const math::AdamScalars& s) {
+  const int64_t nv = n / kTail * kTail;
+  int64_t bad = adam_loop<kSkip, kMax>(nv, p, g, m, v, s);
+  if (nv < n) {
+    const int64_t r = n - nv;
+    alignas(64) float tp[kTail] = {}, tg[kTail] = {}, tm[kTail] = {}, tv[kTail] = {};
+    for (int64_t t = 0; t < r; ++t) tp[t] = p[nv + t], tg[t] = g[nv + t], tm[t] = m[nv + t], tv[t] = v[nv + t];
+    bad += adam_loop<kSkip, kMax>(kTail, tp, tg, tm, tv, s);
+    for (int64_t t = 0; t < r; ++t) p[nv + t] = tp[t], m[nv + t] = tm[t], v[nv + t] = tv[t];
+  }
+  return bad;
 }
 
 inline bool block_all_trainable(const Item& it, int64_t w0, int64_t w1) {

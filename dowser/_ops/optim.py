@@ -8,6 +8,12 @@ the op wrote nothing (dowser.optim raises ValueError naming the parameter). With
 skip_nonfinite=True (AdamW only) the step is one pass instead: entries whose gradient is
 NaN/Inf keep their param and state bits, every other trainable entry is updated, and the
 counts say how many were skipped.
+
+masters (last argument, optional; None entries = none): fp32 master copies of bf16/fp16
+parameters, laid out exactly like the tensor's optimizer state (compact: k entries in mask
+order; dense: numel entries). The step reads the parameter value from the master, computes in
+fp32, writes the new value to the master and, rounded to the parameter dtype (nearest even),
+to the parameter.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from dowser.selfcheck import add_case
 _ADAMW_SCHEMA = ("(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
                  "Tensor(c!)[] exp_avg_sqs, Tensor?[] masks, Tensor?[] offsets, float[] steps, "
                  "float lr, float beta1, float beta2, float eps, float weight_decay, "
-                 "bool maximize, bool skip_nonfinite=False) -> Tensor")
+                 "bool maximize, bool skip_nonfinite=False, Tensor(d!)?[]? masters=None) -> Tensor")
 _SGD_SCHEMA = ("(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, Tensor?[] masks, "
                "Tensor?[] offsets, bool[] first, float lr, float momentum, float dampening, "
-               "float weight_decay, bool nesterov, bool maximize) -> Tensor")
+               "float weight_decay, bool nesterov, bool maximize, Tensor(d!)?[]? masters=None) "
+               "-> Tensor")
 
 
 def _fake_counts(params, *args, **kwargs) -> torch.Tensor:
@@ -49,6 +56,28 @@ register("masked_sgd_step", "reference", ("cpu", "cuda"))(reference.masked_sgd_)
 register("count_nonfinite", "reference", ("cpu", "cuda"))(reference.count_nonfinite)
 
 _EMPTY: dict[torch.device, torch.Tensor] = {}
+
+# Whether dowser._C's masked steps take the `masters` list (one extra, last, tensor-list
+# argument; CUDA: just before the stream). None = detect from the binding's signature; set
+# True/False to force. Steps that carry masters go to the reference backend while the
+# kernels do not take them; steps without masters always use the kernels.
+KERNELS_TAKE_MASTERS: bool | None = None
+_BASE_ARGS = {"masked_adamw_cpu": 14, "masked_sgd_cpu": 12,
+              "masked_adamw_cuda": 15, "masked_sgd_cuda": 13}
+
+
+def _takes_masters(fn) -> bool:
+    if KERNELS_TAKE_MASTERS is not None:
+        return KERNELS_TAKE_MASTERS
+    doc = (getattr(fn, "__doc__", None) or "").split("\n", 1)[0]
+    if "masters" in doc:
+        return True
+    base = _BASE_ARGS.get(getattr(fn, "__name__", ""), None)
+    return base is not None and doc.count(": ") > base  # pybind: "argN: type" per argument
+
+
+def _has_masters(masters) -> bool:
+    return masters is not None and any(m is not None for m in masters)
 
 
 def _none_as_empty(ts, device) -> list[torch.Tensor]:
@@ -80,15 +109,23 @@ def _copy_back(back: list[tuple], bad: torch.Tensor, skip_nonfinite: bool = Fals
 
 @register("masked_adamw_step", "cpp", ("cpu",), cpp_symbol="masked_adamw_cpu")
 def _adamw_cpp(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, steps, lr, beta1, beta2, eps,
-               weight_decay, maximize, skip_nonfinite=False) -> torch.Tensor:
+               weight_decay, maximize, skip_nonfinite=False, masters=None) -> torch.Tensor:
     from dowser import _ext
 
+    fn = _ext.load().masked_adamw_cpu
+    extra = ()
+    if _takes_masters(fn):
+        extra = (_none_as_empty(masters or [None] * len(params), "cpu"),)
+    elif _has_masters(masters):
+        return reference.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, steps,
+                                       lr, beta1, beta2, eps, weight_decay, maximize,
+                                       skip_nonfinite, masters)
     work, back = _contiguous_params(list(params))
-    bad = _ext.load().masked_adamw_cpu(
+    bad = fn(
         work, [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
         _none_as_empty(masks, "cpu"), _none_as_empty(offsets, "cpu"), [float(s) for s in steps],
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize),
-        bool(skip_nonfinite))
+        bool(skip_nonfinite), *extra)
     _copy_back(back, bad, bool(skip_nonfinite))
     return bad
 
@@ -102,14 +139,21 @@ def _count_cpp(grads, masks) -> torch.Tensor:
 
 @register("masked_sgd_step", "cpp", ("cpu",), cpp_symbol="masked_sgd_cpu")
 def _sgd_cpp(params, grads, bufs, masks, offsets, first, lr, momentum, dampening, weight_decay,
-             nesterov, maximize) -> torch.Tensor:
+             nesterov, maximize, masters=None) -> torch.Tensor:
     from dowser import _ext
 
+    fn = _ext.load().masked_sgd_cpu
+    extra = ()
+    if _takes_masters(fn):
+        extra = (_none_as_empty(masters or [None] * len(params), "cpu"),)
+    elif _has_masters(masters):
+        return reference.masked_sgd_(params, grads, bufs, masks, offsets, first, lr, momentum,
+                                     dampening, weight_decay, nesterov, maximize, masters)
     work, back = _contiguous_params(list(params))
-    bad = _ext.load().masked_sgd_cpu(
+    bad = fn(
         work, [g.contiguous() for g in grads], list(bufs), _none_as_empty(masks, "cpu"),
         _none_as_empty(offsets, "cpu"), [bool(f) for f in first], float(lr), float(momentum),
-        float(dampening), float(weight_decay), bool(nesterov), bool(maximize))
+        float(dampening), float(weight_decay), bool(nesterov), bool(maximize), *extra)
     _copy_back(back, bad)
     return bad
 
@@ -120,35 +164,50 @@ def _cuda_stream(device: torch.device) -> int:
 
 @register("masked_adamw_step", "cuda", ("cuda",), cpp_symbol="masked_adamw_cuda")
 def _adamw_cuda(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, steps, lr, beta1, beta2, eps,
-                weight_decay, maximize, skip_nonfinite=False) -> torch.Tensor:
+                weight_decay, maximize, skip_nonfinite=False, masters=None) -> torch.Tensor:
     from dowser import _ext
 
     if not len(params):
         return torch.zeros(0, dtype=torch.int64)
     device = params[0].device
+    fn = _ext.load().masked_adamw_cuda
+    extra = ()
+    if _takes_masters(fn):
+        extra = (_none_as_empty(masters or [None] * len(params), device),)
+    elif _has_masters(masters):
+        return reference.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, steps,
+                                       lr, beta1, beta2, eps, weight_decay, maximize,
+                                       skip_nonfinite, masters)
     work, back = _contiguous_params(list(params))
-    bad = _ext.load().masked_adamw_cuda(
+    bad = fn(
         work, [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
         _none_as_empty(masks, device), _none_as_empty(offsets, device), [float(s) for s in steps],
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize),
-        bool(skip_nonfinite), _cuda_stream(device))
+        bool(skip_nonfinite), *extra, _cuda_stream(device))
     _copy_back(back, bad, bool(skip_nonfinite))
     return bad
 
 
 @register("masked_sgd_step", "cuda", ("cuda",), cpp_symbol="masked_sgd_cuda")
 def _sgd_cuda(params, grads, bufs, masks, offsets, first, lr, momentum, dampening, weight_decay,
-              nesterov, maximize) -> torch.Tensor:
+              nesterov, maximize, masters=None) -> torch.Tensor:
     from dowser import _ext
 
     if not len(params):
         return torch.zeros(0, dtype=torch.int64)
     device = params[0].device
+    fn = _ext.load().masked_sgd_cuda
+    extra = ()
+    if _takes_masters(fn):
+        extra = (_none_as_empty(masters or [None] * len(params), device),)
+    elif _has_masters(masters):
+        return reference.masked_sgd_(params, grads, bufs, masks, offsets, first, lr, momentum,
+                                     dampening, weight_decay, nesterov, maximize, masters)
     work, back = _contiguous_params(list(params))
-    bad = _ext.load().masked_sgd_cuda(
+    bad = fn(
         work, [g.contiguous() for g in grads], list(bufs), _none_as_empty(masks, device),
         _none_as_empty(offsets, device), [bool(f) for f in first], float(lr), float(momentum),
-        float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
+        float(dampening), float(weight_decay), bool(nesterov), bool(maximize), *extra,
         _cuda_stream(device))
     _copy_back(back, bad)
     return bad

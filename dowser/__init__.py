@@ -6,7 +6,8 @@ leave the rest bit-exactly untouched.
 
 Entry points: `dowser.probe` (sensitivities), `dowser.build_masks` (exact bottom-ρ masks),
 `dowser.prepare` (both, plus freezing), `dowser.MaskedAdamW` / `dowser.MaskedSGD` (the masked
-step), `dowser.mask_gradients` (hook mode for other optimizers), `dowser.ops` (the kernels).
+step), `dowser.mask_gradients` (hook mode for other optimizers), `dowser.plan_memory` (will it fit?),
+`dowser.ops` (the kernels).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from dowser import ops
 from dowser._registry import backend_info
 from dowser.masks import MaskSet, build_masks
 from dowser.optim import MaskedAdamW, MaskedSGD, mask_gradients
+from dowser.plan import plan_memory
 from dowser.probe import ProbeEntry, ProbeStats, prepare, probe
 from dowser.selfcheck import selfcheck
 
 __all__ = ["__version__", "ops", "backend_info", "selfcheck", "probe", "ProbeStats", "ProbeEntry",
-           "build_masks", "MaskSet", "prepare", "MaskedAdamW", "MaskedSGD", "mask_gradients"]
+           "build_masks", "MaskSet", "prepare", "MaskedAdamW", "MaskedSGD", "mask_gradients",
+           "plan_memory"]

@@ -272,12 +272,43 @@ def plan_7b() -> str:
         out.append(f"### One {mem} GiB GPU, batch {batch} x seq {seq}\n\n"
                    f"`dowser plan bench/configs/llama-2-7b.json --rho 0.1 --layers all --dtype bf16 "
                    f"--batch {batch} --seq {seq} --gpu-mem {mem}`\n\n{plan.table()}\n")
-    plan = plan_memory(cfg, rho=0.1, dtype="bf16", batch=4, seq=2048, gpu_mem=40, gpus=8,
+    plan = plan_memory(cfg, rho=0.1, dtype="bf16", batch=16, seq=2048, gpu_mem=40, gpus=8,
                        parallel="fsdp2")
-    out.append("### The authors' setup: 8 x A100-40GB, ZeRO-3 (planned as FSDP2), batch 4 x seq "
-               "2048 per GPU\n\n`dowser plan bench/configs/llama-2-7b.json --gpus 8 --gpu-mem 40 "
-               f"--parallel fsdp2 --batch 4`\n\n{plan.table()}\n")
+    out.append("### The authors' setup: 8 x A100-40GB, ZeRO-3 (planned as FSDP2), total batch 128 = 16 x seq "
+               "2048 per GPU (no accumulation)\n\n`dowser plan bench/configs/llama-2-7b.json --gpus 8 --gpu-mem 40 "
+               f"--parallel fsdp2 --batch 16`\n\n{plan.table()}\n")
     return "\n".join(out)
+
+
+def plan_7b_summary() -> str:
+    """Peak GiB per configuration on 80/48/24 GiB GPUs and the authors' 8 x 40 GiB (markdown)."""
+    from dowser.plan import plan_memory
+
+    cfg = str(CONFIGS / "llama-2-7b.json")
+    cols = [("1 x 80 GiB, batch 8", dict(gpu_mem=80, batch=8, seq=2048)),
+            ("1 x 48 GiB, batch 4", dict(gpu_mem=48, batch=4, seq=2048)),
+            ("1 x 24 GiB, batch 1", dict(gpu_mem=24, batch=1, seq=2048)),
+            ("1 x 24 GiB, batch 1, seq 1024", dict(gpu_mem=24, batch=1, seq=1024)),
+            ("8 x 40 GiB FSDP2, batch 16", dict(gpu_mem=40, batch=16, seq=2048, gpus=8,
+                                                parallel="fsdp2"))]
+    plans = [plan_memory(cfg, rho=0.1, dtype="bf16", **kw) for _, kw in cols]
+    lines = ["| configuration | " + " | ".join(c for c, _ in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for opt, label in [("torch AdamW (fp32 master + state)", "torch AdamW, mixed precision (fp32 master + moments)"),
+                       ("torch AdamW (param-dtype state)", "torch AdamW, bf16 moments (loses updates)"),
+                       ("dowser (compact)", "dowser compact + master"),
+                       ("dowser (compact, step_in_backward)", "dowser compact + master, step_in_backward")]:
+        for ckpt in (False, True):
+            cells = []
+            for plan in plans:
+                try:
+                    r = plan.row(opt, ckpt)
+                except KeyError:
+                    cells.append("n/a")
+                    continue
+                cells.append(f"{r.peak / GiB:.1f} " + ("**fits**" if r.fits else "no"))
+            lines.append(f"| {label}{', grad ckpt' if ckpt else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _planned(row: dict) -> float:
@@ -315,7 +346,10 @@ def report(args: argparse.Namespace) -> Path:
              "step_in_backward (one parameter's gradient at a time). Peak = weights + state + masks "
              "+ overhead (1 GiB: CUDA context, allocator slack) + the larger of (activations + "
              "logit/backward transients) and (all gradients + one layer's backward workspace); "
-             "with step_in_backward both activations and one gradient.", "", plan_7b(), ""]
+             "with step_in_backward both activations and one gradient.", "",
+             "Peak GiB per GPU (the verdict: fits in that GPU's memory):", "", plan_7b_summary(), "",
+             "n/a: step_in_backward is not planned under FSDP2 (dowser refuses it there).", "",
+             plan_7b(), ""]
     lines += ["## Measured on this CPU vs planned", "",
               "Real training steps (forward, backward, optimizer step; 3 steps, the peak is reached "
               "from step 2 on, once the optimizer state exists), full depth, each in a fresh process "

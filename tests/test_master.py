@@ -190,15 +190,16 @@ def test_op_with_masters_matches_reference(backend, dtype, compact, skip, device
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("compact", [True, False])
-def test_sgd_op_with_masters_matches_reference(backend, compact, device):
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_op_with_masters_matches_reference(backend, compact, momentum, device):
     fn = backend_fn("masked_sgd_step", backend, device)
     ps, gs, ms, offs, idx, b0, w0 = _op_case(torch.bfloat16, compact, device, seed=8)
     outs = []
     for f in (reference.masked_sgd_, fn):
         p = [t.clone() for t in ps]
-        b = [t.clone() for t in b0]
+        b = [t.clone() for t in b0] if momentum else []  # no momentum: no buffers at all
         w = [None if t is None else t.clone() for t in w0]
-        bad = f(p, gs, b, ms, offs, [False] * len(ps), 1e-2, 0.9, 0.1, 0.01, False, False, w)
+        bad = f(p, gs, b, ms, offs, [False] * len(ps), 1e-2, momentum, 0.1, 0.01, False, False, w)
         assert int(bad.sum()) == 0
         outs.append((p, b, [t for t in w if t is not None]))
     for a, c in zip(outs[0], outs[1]):

@@ -57,9 +57,9 @@ register("count_nonfinite", "reference", ("cpu", "cuda"))(reference.count_nonfin
 
 _EMPTY: dict[torch.device, torch.Tensor] = {}
 
-# Whether dowser._C's masked steps take the `masters` list (one extra, last, tensor-list
-# argument; CUDA: just before the stream). None = detect from the binding's signature; set
-# True/False to force. Steps that carry masters go to the reference backend while the
+# Whether dowser._C's masked steps take the `masters` list (one extra tensor-list argument,
+# the last one: after skip_nonfinite / maximize on CPU, after the stream on CUDA; empty tensor =
+# none). None = detect from the binding's signature; set True/False to force. Steps that carry masters go to the reference backend while the
 # kernels do not take them; steps without masters always use the kernels.
 KERNELS_TAKE_MASTERS: bool | None = None
 _BASE_ARGS = {"masked_adamw_cpu": 14, "masked_sgd_cpu": 12,
@@ -183,7 +183,7 @@ def _adamw_cuda(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, steps, lr,
         work, [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
         _none_as_empty(masks, device), _none_as_empty(offsets, device), [float(s) for s in steps],
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize),
-        bool(skip_nonfinite), *extra, _cuda_stream(device))
+        bool(skip_nonfinite), _cuda_stream(device), *extra)
     _copy_back(back, bad, bool(skip_nonfinite))
     return bad
 
@@ -207,8 +207,8 @@ def _sgd_cuda(params, grads, bufs, masks, offsets, first, lr, momentum, dampenin
     bad = fn(
         work, [g.contiguous() for g in grads], list(bufs), _none_as_empty(masks, device),
         _none_as_empty(offsets, device), [bool(f) for f in first], float(lr), float(momentum),
-        float(dampening), float(weight_decay), bool(nesterov), bool(maximize), *extra,
-        _cuda_stream(device))
+        float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
+        _cuda_stream(device), *extra)
     _copy_back(back, bad)
     return bad
 

@@ -1,7 +1,7 @@
 """Will it fit? The planner's tables for Llama-2-7B, the planner checked against measured peaks
 on this CPU, and the measurement that chose fp32 master weights over Kahan compensation.
 
-    python bench/bench_memory.py precision      # master vs Kahan (seconds)
+    python bench/bench_memory.py precision      # master vs Kahan (a few minutes)
     python bench/bench_memory.py measure        # real training steps, one fresh process each
     python bench/bench_memory.py report         # writes bench/results/memory-plan.md
 
@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 CONFIGS = ROOT / "bench" / "configs"
 MEASURED = RESULTS / "memory-measured.json"
+PRECISION = RESULTS / "memory-precision.json"
 GiB = 1024 ** 3
 
 # (name, model, dtype, optimizer, batch, seq, steps). The peak is reached in step 2 (the
@@ -144,6 +145,8 @@ def child(args: argparse.Namespace) -> None:
 
 def run_case(case: tuple, limit_gb: float, timeout: int) -> dict:
     name, model, dtype, opt, batch, seq, steps = case
+    base = {"case": name, "model": model, "dtype": dtype, "opt": opt, "batch": batch, "seq": seq,
+            "steps": steps, "limit_gb": limit_gb}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
                PYTHONUNBUFFERED="1")
     limit = int(limit_gb * GiB)
@@ -158,7 +161,7 @@ def run_case(case: tuple, limit_gb: float, timeout: int) -> dict:
         proc = subprocess.run(cmd, env=env, preexec_fn=limits, capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"case": name, "ok": False, "error": f"timed out after {timeout} s"}
+        return dict(base, ok=False, error=f"timed out after {timeout} s")
     row = {"case": name, "model": model, "dtype": dtype, "opt": opt, "batch": batch, "seq": seq,
            "steps": steps, "limit_gb": limit_gb, "wall_s": round(time.perf_counter() - t, 1)}
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
@@ -189,10 +192,13 @@ def measure(args: argparse.Namespace) -> None:
 
 def precision(steps: int = 200, seed: int = 0) -> list[dict]:
     """A bf16 weight matrix (|w| ~ N(0, 0.02), 256 x 512, rho = 0.1 trainable) fitted by AdamW
-    at lr 2e-5 for `steps` steps against its fp32 twin (same start, the gradient of each run
-    from its own weights). Error: L2 norm of (displacement - fp32 displacement) over the
-    trainable entries, relative to the fp32 displacement, of the bf16 weights the model uses.
-    Kahan: optimi's compensated update with a bf16 compensation buffer."""
+    at lr 2e-5 for `steps` steps against its fp32 twin (same start). Two gradient modes: "own"
+    (each run's gradient from its own weights, in its own dtype: the real situation) and "fp32
+    twin's" (every run gets the fp32 run's gradient sequence, so only the accumulation of the
+    updates differs). Errors: L2 norm of (displacement - fp32 displacement) over the trainable
+    entries, relative to the fp32 displacement, of the bf16 weights the model uses and of the
+    value the optimizer carries (master; weight + compensation). Kahan: optimi's compensated
+    update with a bf16 compensation buffer."""
     import torch
 
     import dowser
@@ -205,22 +211,31 @@ def precision(steps: int = 200, seed: int = 0) -> list[dict]:
     train = torch.rand(256, 512, generator=g) < 0.1
     mask = pack_mask(train)
     lr, betas, eps = 2e-5, (0.9, 0.999), 1e-8
+    recorded: list[torch.Tensor] = []
 
-    def grad_of(w: torch.Tensor) -> torch.Tensor:
+    def grad_of(w: torch.Tensor, t: int, shared: bool) -> torch.Tensor:
+        if shared:
+            return recorded[t].to(w.dtype)
         w = w.detach().requires_grad_(True)
         ((x.to(w.dtype) @ w.t()).float() - target).pow(2).mean().backward()
         return w.grad
 
-    def run_masked(dtype, master):
+    def run_masked(dtype, master, shared):
         w = torch.nn.Parameter(w0.to(dtype, copy=True))
         opt = dowser.MaskedAdamW([w], {w: mask}, lr=lr, betas=betas, eps=eps, weight_decay=0.0,
                                  master_weights=master)
-        for _ in range(steps):
-            w.grad = grad_of(w.detach())
+        for t in range(steps):
+            w.grad = grad_of(w.detach(), t, shared)
+            if dtype == torch.float32 and not shared:
+                recorded.append(w.grad.clone())
             opt.step()
-        return w.detach().float()
+        st = opt.state[w]
+        full = w.detach().float().clone()
+        if "master" in st:  # the fp32 value the optimizer carries for the trainable entries
+            full[train] = st["master"]
+        return w.detach().float(), full
 
-    def run_kahan():
+    def run_kahan(shared):
         w = w0.bfloat16().clone()
         idx = train.reshape(-1)
         p = w.reshape(-1)[idx].clone()
@@ -228,7 +243,7 @@ def precision(steps: int = 200, seed: int = 0) -> list[dict]:
         m = torch.zeros(p.shape)
         v = torch.zeros(p.shape)
         for t in range(1, steps + 1):
-            gr = grad_of(w).reshape(-1)[idx].float()
+            gr = grad_of(w, t - 1, shared).reshape(-1)[idx].float()
             m.lerp_(gr, 1 - betas[0])
             v.mul_(betas[1]).addcmul_(gr, gr, value=1 - betas[1])
             denom = (v / (1 - betas[1] ** t)).sqrt() + eps
@@ -238,20 +253,27 @@ def precision(steps: int = 200, seed: int = 0) -> list[dict]:
             p = (p.float() + comp.float()).bfloat16()
             comp = (comp.float() + (old.float() - p.float())).bfloat16()
             w.reshape(-1)[idx] = p
-        return w.float()
+        full = w.float().clone()
+        full.reshape(-1)[idx] = p.float() + comp.float()  # weight + compensation
+        return w.float(), full
 
-    ref = run_masked(torch.float32, None)
+    ref, _ = run_masked(torch.float32, None, False)
     d_ref = (ref - w0)[train]
     rows = []
-    for name, w, extra in [("bf16, no compensation", run_masked(torch.bfloat16, False), 0.0),
-                           ("bf16 + Kahan (bf16 buffer)", run_kahan(), 2.0),
-                           ("bf16 + fp32 master (dowser default)", run_masked(torch.bfloat16, None), 4.0)]:
-        d = (w - w0)[train]
-        rows.append({"variant": name,
-                     "moved / fp32 moved": float(d.norm() / d_ref.norm()),
-                     "displacement error vs fp32": float((d - d_ref).norm() / d_ref.norm()),
-                     "extra state B per trainable entry": extra,
-                     "extra B/param at rho=0.1": extra * 0.1})
+    for shared in (False, True):
+        for name, run, extra in [
+                ("bf16, no compensation", lambda: run_masked(torch.bfloat16, False, shared), 0.0),
+                ("bf16 + Kahan (bf16 buffer)", lambda: run_kahan(shared), 2.0),
+                ("bf16 + fp32 master (dowser default)", lambda: run_masked(torch.bfloat16, None, shared), 4.0)]:
+            w, full = run()
+            d = (w - w0)[train]
+            rows.append({"variant": name, "gradients": "fp32 twin's" if shared else "own",
+                         "moved / fp32 moved": float(d.norm() / d_ref.norm()),
+                         "displacement error vs fp32": float((d - d_ref).norm() / d_ref.norm()),
+                         "carried value error vs fp32": float(((full - w0)[train] - d_ref).norm()
+                                                              / d_ref.norm()),
+                         "extra state B per trainable entry": extra,
+                         "extra B/param at rho=0.1": extra * 0.1})
     return rows
 
 
@@ -371,6 +393,10 @@ def report(args: argparse.Namespace) -> Path:
         if row is None:
             lines.append(f"| {name} | | | not measured | | | | | | |")
             continue
+        if not row.get("ok") and "timed out" in row.get("error", ""):
+            lines.append(f"| {name} | {row.get('dtype', '')} | | {row['error']} (the shared machine "
+                         "was slower than planned) | | | | | | |")
+            continue
         planned = _planned(row)
         if not row.get("ok"):
             lines.append(f"| {name} | {row['dtype']} | {row['batch']} x {row['seq']} | did not fit the "
@@ -387,11 +413,16 @@ def report(args: argparse.Namespace) -> Path:
     lines += ["", "## fp32 master weights or Kahan compensation?", "",
               "`python bench/bench_memory.py precision`: " + precision.__doc__.split("\n", 1)[1]
               .replace("\n    ", " ").strip(), "",
-              "| variant | moved / fp32 moved | displacement error vs fp32 | extra state B per "
-              "trainable entry | extra B/param at rho=0.1 |", "|---|---|---|---|---|"]
-    for r in precision():
-        lines.append(f"| {r['variant']} | {r['moved / fp32 moved']:.3f} | "
-                     f"{r['displacement error vs fp32']:.3f} | {r['extra state B per trainable entry']:g} | "
+              "Carried value: what the optimizer holds for a trainable entry (master; weight + "
+              "compensation; the bf16 weight without either).", "",
+              "| variant | gradients | moved / fp32 moved | displacement error vs fp32 (bf16 "
+              "weights) | carried value error vs fp32 | extra state B per trainable entry | extra "
+              "B/param at rho=0.1 |", "|---|---|---|---|---|---|---|"]
+    prec = json.loads(PRECISION.read_text()) if PRECISION.exists() else precision()
+    for r in prec:
+        lines.append(f"| {r['variant']} | {r['gradients']} | {r['moved / fp32 moved']:.3f} | "
+                     f"{r['displacement error vs fp32']:.3f} | {r['carried value error vs fp32']:.4f} | "
+                     f"{r['extra state B per trainable entry']:g} | "
                      f"{r['extra B/param at rho=0.1']:.1f} |")
     path = RESULTS / "memory-plan.md"
     path.write_text("\n".join(lines) + "\n")
@@ -421,8 +452,11 @@ def main() -> None:
     elif args.cmd == "measure":
         measure(args)
     elif args.cmd == "precision":
-        for r in precision():
+        rows = precision()
+        for r in rows:
             print(json.dumps(r))
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        PRECISION.write_text(json.dumps(rows, indent=1))
     else:
         print(report(args))
 

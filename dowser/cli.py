@@ -454,6 +454,78 @@ def plot_masks(masks, path: str) -> None:
     plt.close(fig)
 
 
+# ---- dowser plan (issue 16): self-contained, validates its arguments before any work -------
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """Print the memory plan; bad arguments: one line on stderr, exit code 2."""
+    import os
+
+    def fail(msg: str) -> int:
+        print(f"dowser plan: error: {msg}", file=sys.stderr)
+        return 2
+
+    if not os.path.exists(args.model):
+        return fail(f"{args.model!r} does not exist (a model directory, a config .json or a .gguf file)")
+    layers: int | str = args.layers
+    if args.layers != "all":
+        try:
+            layers = int(args.layers)
+        except ValueError:
+            return fail(f"--layers must be 'all' or a positive int, got {args.layers!r}")
+        if layers < 1:
+            return fail(f"--layers must be 'all' or a positive int, got {args.layers!r}")
+    if not 0.0 <= args.rho <= 1.0:
+        return fail(f"--rho must be in [0, 1], got {args.rho}")
+    for name in ("batch", "seq", "gpus"):
+        if getattr(args, name) < 1:
+            return fail(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.gpu_mem > 0:
+        return fail(f"--gpu-mem must be > 0 (GiB), got {args.gpu_mem}")
+    if args.overhead_gb is not None and args.overhead_gb < 0:
+        return fail(f"--overhead-gb must be >= 0, got {args.overhead_gb}")
+    from dowser.plan import plan_memory
+
+    try:
+        plan = plan_memory(args.model, rho=args.rho, layers=layers, dtype=args.dtype,
+                           batch=args.batch, seq=args.seq, gpu_mem=args.gpu_mem, gpus=args.gpus,
+                           parallel=args.parallel, master_weights=False if args.no_master else None,
+                           device=args.device, overhead_gb=args.overhead_gb)
+    except ValueError as exc:
+        return fail(str(exc).splitlines()[0])
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(plan.summary())
+        print()
+        print(plan.table(parts=not args.brief))
+    return 0
+
+
+def _add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="will it fit? memory per GPU of fine-tuning a model, from its "
+                                    "config alone (no weights)")
+    p.add_argument("model", help="a model directory, a config .json or a .gguf file")
+    p.add_argument("--rho", type=float, default=0.1, help="trainable fraction per matrix")
+    p.add_argument("--layers", default="all", help="'all' (full depth) or the last N decoder layers")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--batch", type=int, default=8, help="micro-batch per GPU")
+    p.add_argument("--seq", type=int, default=2048, help="sequence length")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (> 1: DDP and FSDP2 rows)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp2"], default=None,
+                   help="only this data-parallel mode (default: both when --gpus > 1)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: plan a CPU run (no CUDA context overhead)")
+    p.add_argument("--overhead-gb", type=float, default=None,
+                   help="fixed overhead in GiB (default: 1 on cuda, 0 on cpu)")
+    p.add_argument("--no-master", action="store_true",
+                   help="dowser rows without fp32 master weights for bf16/fp16")
+    p.add_argument("--brief", action="store_true", help="only peak and verdict columns")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_cmd_plan)
+
+
+
 def _short(name: str) -> str:
     return re.sub(r"^.*?layers\.", "", name).replace(".weight", "").replace("self_attn.", "")
 
@@ -500,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("masks", help="a mask file written by `dowser probe` or MaskSet.save")
     p.add_argument("--plot", default=None, help="write a figure (e.g. masks.png)")
     p.set_defaults(func=_cmd_inspect)
+    _add_plan_parser(sub)
     return parser
 
 

@@ -323,7 +323,7 @@ def optimizer_state_dict(optimizer, model: torch.nn.Module) -> dict[str, Any]:
             loc = local_tensor(p)
             st = optimizer.state.get(p, {})
             entry: dict[str, Any] = {"step": st.get("step", torch.tensor(0.0)).detach().clone()}
-            for key in optimizer._state_keys:
+            for key in optimizer._state_keys_for(p):  # "master" too, for bf16/fp16 params
                 val = st.get(key)
                 dense = torch.zeros(loc.shape, dtype=torch.float32, device=loc.device) \
                     if val is None else optimizer._dense_state(p, val)
@@ -347,7 +347,9 @@ def load_optimizer_state_dict(optimizer, model: torch.nn.Module, state: Mapping[
             if entry is None:
                 raise ValueError(f"checkpoint has no optimizer state for {names[p]!r}")
             st = {"step": entry["step"].detach().clone().to(torch.float32).cpu()}
-            for key in optimizer._state_keys:
+            for key in optimizer._state_keys_for(p):
+                if key == "master" and key not in entry:
+                    continue  # saved without a master: it starts from the parameter
                 dense = local_tensor(entry[key]).to(local_tensor(p).device, torch.float32)
                 st[key] = optimizer._load_value(p, key, dense.contiguous())
             if float(st["step"]) == 0.0 and all(not bool(v.any()) for k, v in st.items()

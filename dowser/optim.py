@@ -74,8 +74,15 @@ class _MaskedOptimizer(torch.optim.Optimizer):
     _state_keys: tuple[str, ...] = ()
 
     def __init__(self, params: Any, masks: Mapping, defaults: dict, *,
-                 model: torch.nn.Module | None, compact_state: bool) -> None:
+                 model: torch.nn.Module | None, compact_state: bool,
+                 master_weights: bool | None = None) -> None:
+        if master_weights not in (None, True, False):
+            raise ValueError("master_weights must be None (auto), True or False, got "
+                             f"{master_weights!r}")
         super().__init__(params, defaults)
+        # None (auto) and True: fp32 master copies of the trainable entries of every bf16/fp16
+        # parameter; fp32/fp64 parameters never need one.
+        self.master_weights = master_weights
         all_params = [p for g in self.param_groups for p in g["params"]]
         self._masks, self._names = _resolve_masks(masks, model, all_params)
         for gi, g in enumerate(self.param_groups):
@@ -116,6 +123,40 @@ class _MaskedOptimizer(torch.optim.Optimizer):
     def _new_state(self, p: torch.Tensor) -> torch.Tensor:
         # fp32 state for every parameter dtype (fp32 math for bf16/fp16 parameters)
         return torch.zeros(self._state_shape(p), dtype=torch.float32, device=p.device)
+
+    # -- fp32 master weights of bf16/fp16 parameters ----------------------------------------
+    def uses_master(self, p: torch.Tensor) -> bool:
+        """Whether `p` keeps an fp32 master copy of its trainable entries: bf16/fp16
+        parameters unless master_weights=False. A bf16 step rounded straight to bf16 loses
+        every update below half an ulp (lr 2e-5 on |w| ~ 0.02), fp32 math or not."""
+        return self.master_weights is not False and p.dtype in (torch.bfloat16, torch.float16)
+
+    def _state_keys_for(self, p: torch.Tensor) -> tuple[str, ...]:
+        """The state tensors `p` has (laid out like the moments: compact or dense)."""
+        return self._state_keys + (("master",) if self.uses_master(p) else ())
+
+    def _new_master(self, p: torch.Tensor) -> torch.Tensor:
+        """The parameter's trainable entries in fp32 (compact: in mask order; dense: all of
+        them), laid out exactly like the moment state."""
+        loc = local_tensor(p)
+        if p in self._masks and self.compact_state:
+            idx = torch.ops.dowser.unpack_mask(self._masks[p], loc.numel())
+            return loc.reshape(-1)[idx].to(torch.float32)
+        return loc.to(torch.float32).contiguous().clone()
+
+    def _master(self, p: torch.Tensor, state: dict) -> torch.Tensor | None:
+        if not self.uses_master(p):
+            return None
+        if "master" not in state:  # first step (or resumed from a state saved without one)
+            state["master"] = self._new_master(p)
+        return state["master"]
+
+    def refresh_master_weights(self) -> None:
+        """Forget the fp32 master copies: the next step starts them again from the parameters.
+        Call after writing new values into bf16/fp16 parameters outside the optimizer (the
+        master would otherwise overwrite them at the next step)."""
+        for st in self.state.values():
+            st.pop("master", None)
 
     def _raise_bad(self, bad: torch.Tensor, params: list[torch.Tensor], skipped: bool = False) -> None:
         if bool(bad.any()):
@@ -168,7 +209,10 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         converted = {}
         for idx, p in zip(saved_ids, params):
             if idx in saved_state:
-                converted[idx] = {k: self._load_value(p, k, v) for k, v in saved_state[idx].items()}
+                # a master saved by an optimizer that used one, loaded into one that does not
+                # (master_weights=False): dropped; in the other direction it starts afresh
+                converted[idx] = {k: self._load_value(p, k, v) for k, v in saved_state[idx].items()
+                                  if k != "master" or self.uses_master(p)}
         super().load_state_dict(state_dict)
         for idx, p in zip(saved_ids, params):
             if idx in converted:
@@ -189,7 +233,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             return value
         if key == "step":
             return value.detach().clone().to(torch.float32)
-        if key not in self._state_keys:
+        if key not in self._state_keys + ("master",):
             return value.detach().clone().to(p.device)
         loc = local_tensor(p)  # a DTensor's state covers its local shard
         value = value.detach().to(device=loc.device, dtype=torch.float32)
@@ -230,6 +274,13 @@ class MaskedAdamW(_MaskedOptimizer):
             (about 8·ρ + 0.125 bytes per masked parameter, the prefix sums included);
             False keeps fp32 state shaped like each parameter.
         maximize: maximise the objective.
+        master_weights: None (default, auto) or True: every bf16/fp16 parameter keeps an fp32
+            master copy of its trainable entries (state "master", laid out like exp_avg:
+            4·ρ bytes per masked parameter when compact); the step reads and writes the
+            master and stores its value rounded to nearest-even in the parameter, so updates
+            smaller than half a bf16 ulp (lr 2e-5 on |w| ≈ 0.02) accumulate instead of being
+            lost. False: no master (the fp32 result is rounded straight to the parameter
+            dtype). fp32 parameters never have one. See docs/memory.md.
         step_in_backward: update each parameter from its post-accumulate-grad hook and free its
             gradient at once (peak gradient memory: one parameter's); `step()` then only runs
             the closure. Gradient accumulation over several backward passes is not possible in
@@ -253,7 +304,8 @@ class MaskedAdamW(_MaskedOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, model: torch.nn.Module | None = None,
                  compact_state: bool = True, maximize: bool = False,
-                 step_in_backward: bool = False, nonfinite: str = "check") -> None:
+                 step_in_backward: bool = False, nonfinite: str = "check",
+                 master_weights: bool | None = None) -> None:
         _check_hyper(lr, eps, weight_decay)
         if nonfinite not in ("check", "skip"):
             raise ValueError(f"nonfinite must be 'check' or 'skip', got {nonfinite!r}")
@@ -261,7 +313,8 @@ class MaskedAdamW(_MaskedOptimizer):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         maximize=maximize)
-        super().__init__(params_or_groups, masks, defaults, model=model, compact_state=compact_state)
+        super().__init__(params_or_groups, masks, defaults, model=model, compact_state=compact_state,
+                         master_weights=master_weights)
         self.nonfinite = nonfinite
         self.step_in_backward = bool(step_in_backward)
         self._hooks: list = []
@@ -324,13 +377,14 @@ class MaskedAdamW(_MaskedOptimizer):
         beta1, beta2 = group["betas"]
         one_pass = self.nonfinite == "skip" or checked
         for plist in self._grouped(group, params):
-            grads, m, v, masks, offs, steps = [], [], [], [], [], []
+            grads, m, v, masks, offs, steps, masters = [], [], [], [], [], [], []
             for p in plist:
                 state = self.state[p]
-                if not state:
+                if "exp_avg" not in state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = self._new_state(p)
                     state["exp_avg_sq"] = self._new_state(p)
+                masters.append(self._master(p, state))
                 grads.append(local_tensor(p.grad))
                 m.append(state["exp_avg"])
                 v.append(state["exp_avg_sq"])
@@ -340,7 +394,7 @@ class MaskedAdamW(_MaskedOptimizer):
             bad = torch.ops.dowser.masked_adamw_step(
                 [local_tensor(p) for p in plist], grads, m, v, masks, offs, steps, float(group["lr"]), float(beta1),
                 float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                bool(group["maximize"]), one_pass)
+                bool(group["maximize"]), one_pass, masters)
             if one_pass:  # the step happened: count it; report (skip mode) after all groups
                 for p in plist:
                     self.state[p]["step"] += 1.0
@@ -361,14 +415,15 @@ class MaskedAdamW(_MaskedOptimizer):
 class MaskedSGD(_MaskedOptimizer):
     """SGD (torch.optim.SGD's math: coupled weight decay, momentum, dampening, Nesterov) that
     updates only the trainable entries of masked parameters; the momentum buffer (fp32) is
-    compact by default. Same mask, NaN and state-dict contracts as `MaskedAdamW`."""
+    compact by default. Same mask, NaN, master-weight (`master_weights`) and state-dict
+    contracts as `MaskedAdamW`."""
 
     _state_keys = ("momentum_buffer",)
 
     def __init__(self, params_or_groups: Any, masks: Mapping, lr: float, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
                  model: torch.nn.Module | None = None, compact_state: bool = True,
-                 maximize: bool = False) -> None:
+                 maximize: bool = False, master_weights: bool | None = None) -> None:
         _check_hyper(lr, None, weight_decay)
         if not math.isfinite(momentum) or momentum < 0:
             raise ValueError(f"momentum must be a finite number >= 0, got {momentum!r}")
@@ -378,7 +433,8 @@ class MaskedSGD(_MaskedOptimizer):
             raise ValueError("nesterov requires momentum > 0 and dampening = 0")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
-        super().__init__(params_or_groups, masks, defaults, model=model, compact_state=compact_state)
+        super().__init__(params_or_groups, masks, defaults, model=model, compact_state=compact_state,
+                         master_weights=master_weights)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -392,9 +448,10 @@ class MaskedSGD(_MaskedOptimizer):
         for group in self.param_groups:
             has_momentum = group["momentum"] != 0
             for plist in self._grouped(group):
-                grads, bufs, masks, offs, first = [], [], [], [], []
+                grads, bufs, masks, offs, first, masters = [], [], [], [], [], []
                 for p in plist:
                     state = self.state[p]
+                    masters.append(self._master(p, state))
                     grads.append(local_tensor(p.grad))
                     masks.append(self._masks.get(p))
                     offs.append(self._word_offsets(p))
@@ -405,7 +462,8 @@ class MaskedSGD(_MaskedOptimizer):
                 bad = torch.ops.dowser.masked_sgd_step(
                     [local_tensor(p) for p in plist], grads, bufs, masks, offs, first, float(group["lr"]),
                     float(group["momentum"]), float(group["dampening"]),
-                    float(group["weight_decay"]), bool(group["nesterov"]), bool(group["maximize"]))
+                    float(group["weight_decay"]), bool(group["nesterov"]), bool(group["maximize"]),
+                    masters)
                 self._raise_bad(bad, plist)
                 if has_momentum:
                     for p, b in zip(plist, bufs):

@@ -197,14 +197,17 @@ def count_nonfinite(grads: list[torch.Tensor], masks: list[torch.Tensor | None])
     return bad
 
 
-def _gather(p: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None, maximize: bool):
+def _gather(p: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None, maximize: bool,
+            master: torch.Tensor | None = None, compact: bool = False):
     """(trainable flat index or None, their fp32 gradients (negated to maximize), their fp32
-    parameter values)."""
+    parameter values: read from the fp32 master copy when there is one)."""
     idx = _trainable_index(p, mask)
     gf = g.reshape(-1)
     gf = (gf if idx is None else gf[idx]).float()
     if maximize:
         gf = -gf
+    if master is not None:
+        return idx, gf, _state_view(master, idx, compact).clone()
     pf = p.reshape(-1)
     return idx, gf, (pf if idx is None else pf[idx]).float()
 
@@ -214,38 +217,71 @@ def _state_view(state: torch.Tensor, idx: torch.Tensor | None, compact: bool) ->
     return flat if (compact or idx is None) else flat[idx]
 
 
-def _write_back(param: torch.Tensor, idx: torch.Tensor | None, new: torch.Tensor) -> None:
-    # Only the trainable entries are assigned; frozen entries are never touched.
-    if idx is None:
+def _put(state: torch.Tensor, idx: torch.Tensor | None, compact: bool, new: torch.Tensor,
+         sel: torch.Tensor | None = None) -> None:
+    """Write the fp32 values `new` of the trainable entries (or of their subset `sel`,
+    positions counted among the trainable entries) into a compact or dense state tensor."""
+    flat = state.view(-1)
+    if sel is None:
+        if compact or idx is None:
+            flat.copy_(new)
+        else:
+            flat[idx] = new
+        return
+    if compact or idx is None:
+        flat[sel] = new
+    else:
+        flat[idx.nonzero().squeeze(1)[sel]] = new
+
+
+def _write_back(param: torch.Tensor, idx: torch.Tensor | None, new: torch.Tensor,
+                sel: torch.Tensor | None = None) -> None:
+    """Assign fp32 values, rounded to the parameter dtype (round to nearest even), to the
+    trainable entries only (or their subset `sel`); frozen entries are never touched."""
+    if sel is None and idx is None:
         param.copy_(new.view(param.shape).to(param.dtype))
-    elif param.is_contiguous():
-        param.view(-1)[idx] = new.to(param.dtype)
+        return
+    where = idx if sel is None else (sel if idx is None else idx.nonzero().squeeze(1)[sel])
+    if param.is_contiguous():
+        param.view(-1)[where] = new.to(param.dtype)
     else:
         flat = param.reshape(-1).clone()
-        flat[idx] = new.to(param.dtype)
+        flat[where] = new.to(param.dtype)
         param.copy_(flat.view(param.shape))
+
+
+def _masters_list(masters: list[torch.Tensor | None] | None, n: int) -> list[torch.Tensor | None]:
+    if masters is None or len(masters) == 0:
+        return [None] * n
+    if len(masters) != n:
+        raise ValueError(f"masters has {len(masters)} entries for {n} parameters")
+    return list(masters)
 
 
 def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor],
                   exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
                   masks: list[torch.Tensor | None], offsets: list[torch.Tensor | None],
                   steps: list[float], lr: float, beta1: float, beta2: float, eps: float,
-                  weight_decay: float, maximize: bool, skip_nonfinite: bool = False) -> torch.Tensor:
+                  weight_decay: float, maximize: bool, skip_nonfinite: bool = False,
+                  masters: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """AdamW on the trainable entries only (PyTorch's fused AdamW math order, fp32 math).
 
     Per tensor i: masks[i] None = every entry trains; offsets[i] given = compact fp32 state of
-    the k trainable entries (in flat order), else state shaped like the parameter. Returns the
-    per-tensor count of NaN/Inf gradients in trainable entries; when any is non-zero nothing
-    was written. With `skip_nonfinite`, the finite entries are updated all the same and the
-    NaN/Inf ones keep their param and state bits.
+    the k trainable entries (in flat order), else state shaped like the parameter. masters[i]
+    (None = none): an fp32 copy laid out exactly like exp_avgs[i]; the step then reads the
+    parameter value from it, writes the new fp32 value back to it and the value rounded to the
+    parameter dtype to the parameter (so updates below half an ulp of a bf16 parameter are
+    kept). Returns the per-tensor count of NaN/Inf gradients in trainable entries; when any is
+    non-zero nothing was written. With `skip_nonfinite`, the finite entries are updated all the
+    same and the NaN/Inf ones keep their param, master and state bits.
     """
     bad = count_nonfinite(grads, masks)
     if bool(bad.any()) and not skip_nonfinite:
         return bad
-    for p, g, m, v, mask, off, step in zip(params, grads, exp_avgs, exp_avg_sqs, masks, offsets,
-                                          steps):
-        idx, gf, pf = _gather(p, g, mask, maximize)
+    for p, g, m, v, mask, off, step, w in zip(params, grads, exp_avgs, exp_avg_sqs, masks, offsets,
+                                             steps, _masters_list(masters, len(params))):
         compact = off is not None
+        idx, gf, pf = _gather(p, g, mask, maximize, w, compact)
         mf = _state_view(m, idx, compact).clone()
         vf = _state_view(v, idx, compact).clone()
         bc1 = 1.0 - beta1 ** step
@@ -258,57 +294,48 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor],
         # may be 1 ulp off, and the kernels use the IEEE instruction.
         denom = vf.double().sqrt().float() / bc2_sqrt + eps
         pf = pf - step_size * mf / denom
+        sel = None
         if skip_nonfinite:
             ok = torch.isfinite(gf)
             if not bool(ok.all()):  # keep the old bits of the skipped entries
                 sel = torch.arange(gf.numel(), device=gf.device)[ok]
-                # idx is a boolean mask over the flat parameter; sel counts trainable entries
-                sel_idx = sel if idx is None else idx.nonzero().squeeze(1)[sel]
                 pf, mf, vf = pf[ok], mf[ok], vf[ok]
-                flat = p.reshape(-1) if p.is_contiguous() else None
-                if flat is not None:
-                    flat[sel_idx] = pf.to(p.dtype)
-                else:
-                    tmp = p.reshape(-1).clone()
-                    tmp[sel_idx] = pf.to(p.dtype)
-                    p.copy_(tmp.view(p.shape))
-                m.view(-1)[sel if compact else sel_idx] = mf
-                v.view(-1)[sel if compact else sel_idx] = vf
-                continue
-        _write_back(p, idx, pf)
-        if compact or idx is None:
-            m.view(-1).copy_(mf)
-            v.view(-1).copy_(vf)
-        else:
-            m.view(-1)[idx] = mf
-            v.view(-1)[idx] = vf
+        _write_back(p, idx, pf, sel)
+        if w is not None:
+            _put(w, idx, compact, pf, sel)
+        _put(m, idx, compact, mf, sel)
+        _put(v, idx, compact, vf, sel)
     return bad
 
 
 def masked_sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
                 masks: list[torch.Tensor | None], offsets: list[torch.Tensor | None],
                 first: list[bool], lr: float, momentum: float, dampening: float,
-                weight_decay: float, nesterov: bool, maximize: bool) -> torch.Tensor:
+                weight_decay: float, nesterov: bool, maximize: bool,
+                masters: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """SGD (torch.optim.SGD's math) on the trainable entries only, fp32 math.
 
     `bufs` is empty when momentum is 0, else one fp32 momentum buffer per tensor (compact when
     offsets[i] is given); first[i] = the buffer is fresh (it is then set to the update, as
-    torch does). Returns per-tensor NaN/Inf counts; nothing is written when any is non-zero.
+    torch does). masters[i] (None = none): fp32 master copy, compact when offsets[i] is given,
+    read and written as in `masked_adamw_`. Returns per-tensor NaN/Inf counts; nothing is
+    written when any is non-zero.
     """
     bad = count_nonfinite(grads, masks)
     if bool(bad.any()):
         return bad
-    for i, (p, g, mask, off) in enumerate(zip(params, grads, masks, offsets)):
-        idx, gf, pf = _gather(p, g, mask, maximize)
+    for i, (p, g, mask, off, w) in enumerate(zip(params, grads, masks, offsets,
+                                                 _masters_list(masters, len(params)))):
         compact = off is not None
+        idx, gf, pf = _gather(p, g, mask, maximize, w, compact)
         d = gf + weight_decay * pf if weight_decay != 0 else gf
         if momentum != 0:
             buf = bufs[i]
             bf = d.clone() if first[i] else momentum * _state_view(buf, idx, compact) + (1.0 - dampening) * d
-            if compact or idx is None:
-                buf.view(-1).copy_(bf)
-            else:
-                buf.view(-1)[idx] = bf
+            _put(buf, idx, compact, bf)
             d = d + momentum * bf if nesterov else bf
-        _write_back(p, idx, pf - lr * d)
+        new = pf - lr * d
+        _write_back(p, idx, new)
+        if w is not None:
+            _put(w, idx, compact, new)
     return bad

@@ -6,6 +6,11 @@ entries; when any is non-zero the op wrote nothing (dowser.optim raises ValueErr
 parameter). With skip_nonfinite=True the step is one pass instead: entries whose gradient is
 NaN/Inf keep their param and state bits, every other trainable entry is updated, and the
 counts say how many were skipped.
+
+masters (optional; None entries = none): fp32 master copies of bf16/fp16 parameters, laid out
+exactly like the tensor's optimizer state (compact: k entries in mask order; dense: numel
+entries). The step reads the parameter value from the master, computes in fp32, writes the new
+value to the master and, rounded to the parameter dtype (nearest even), to the parameter.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dowser.selfcheck import add_case
 SCHEMA = ("(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
           "Tensor(c!)[] exp_avg_sqs, Tensor?[] masks, Tensor?[] offsets, float[] steps, "
           "float lr, float beta1, float beta2, float eps, float weight_decay, "
-          "bool maximize, bool skip_nonfinite=False) -> Tensor")
+          "bool maximize, bool skip_nonfinite=False, Tensor(d!)?[]? masters=None) -> Tensor")
 
 
 def fake_counts(params, *args, **kwargs) -> torch.Tensor:

@@ -1,7 +1,13 @@
 """dowser::masked_sgd_step: one SGD step (torch.optim.SGD's math) of a parameter group on
 bit-packed masks. `bufs` is empty when momentum is 0, else one fp32 momentum buffer per
 tensor (compact when offsets[i] is given); first[i] = the buffer is fresh. Returns per-tensor
-NaN/Inf counts; nothing is written when any is non-zero."""
+NaN/Inf counts; nothing is written when any is non-zero.
+
+masters (optional; None entries = none): fp32 master copies of bf16/fp16 parameters, laid out
+exactly like the tensor's optimizer state (compact: k entries in mask order; dense: numel
+entries). The step reads the parameter value from the master, computes in fp32, writes the new
+value to the master and, rounded to the parameter dtype (nearest even), to the parameter.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ from dowser.selfcheck import add_case
 
 SCHEMA = ("(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, Tensor?[] masks, "
           "Tensor?[] offsets, bool[] first, float lr, float momentum, float dampening, "
-          "float weight_decay, bool nesterov, bool maximize) -> Tensor")
+          "float weight_decay, bool nesterov, bool maximize, Tensor(d!)?[]? masters=None) "
+          "-> Tensor")
 
 op = define("masked_sgd_step", SCHEMA, reference.masked_sgd_, fake_counts)
 

@@ -60,6 +60,10 @@ def main() -> None:
     ap.add_argument("--up-chunks", type=int, default=2, help="128-token chunks for A_up")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--methods", nargs="+", default=["full", "dowser", "protect"],
+                    choices=["full", "dowser", "protect"], help="which runs to make")
+    ap.add_argument("--rows-from", help="a CSV of an earlier run with the same settings: its "
+                    "zero-shot row and the rows of the methods not run now join the table")
     args = ap.parse_args()
 
     t_start = time.perf_counter()
@@ -87,8 +91,15 @@ def main() -> None:
         return time.perf_counter() - t0
 
     rows = []
-    zero = measure(base)
-    rows.append({"method": "zero-shot", "stage": 0, "trained": "", **zero})
+    earlier = _read_rows(args.rows_from) if args.rows_from else []
+    run_now = {"full": "full FT", "dowser": "dowser", "protect": "dowser + protect"}
+    now = {run_now[m] for m in args.methods}
+    zero = next((r for r in earlier if r["method"] == "zero-shot"), None)
+    if zero is None:
+        zero = measure(base)
+    rows.append({"method": "zero-shot", "stage": 0, "trained": "", **{k: v for k, v in zero.items()
+                 if k not in ("method", "stage", "trained")}})
+    rows += [r for r in earlier if r["method"] not in now and r["method"] != "zero-shot"]
     print(rows[-1], flush=True)
 
     def record(method, stage, model, seconds, extra=None):
@@ -98,14 +109,14 @@ def main() -> None:
         # what is measured so far, in case the run is cut short
         write_results("continual", rows, args.device, notes="(partial: the run has not finished)")
 
-    # full fine-tuning of the last L layers
-    model = copy.deepcopy(base)
-    freeze_outside(model, last_layer_params(model, args.layers))
-    for stage, task in enumerate(TASKS, 1):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                lr=args.lr_full, weight_decay=0.0)
-        record("full FT", stage, model, fit(model, opt, task, stage))
-    del model, opt
+    if "full FT" in now:  # full fine-tuning of the last L layers
+        model = copy.deepcopy(base)
+        freeze_outside(model, last_layer_params(model, args.layers))
+        for stage, task in enumerate(TASKS, 1):
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                    lr=args.lr_full, weight_decay=0.0)
+            record("full FT", stage, model, fit(model, opt, task, stage))
+        del model, opt
 
     probe_kw = dict(n_samples=args.n_samples, n_rademacher=args.n_rademacher,
                     seq_len=args.probe_seq_len, progress=False)
@@ -130,16 +141,22 @@ def main() -> None:
 
     model = copy.deepcopy(base)
     first, seconds, extra = dowser_stage(model, 1, None)
-    record("dowser", 1, model, seconds, extra)
-    rows.append({**rows[-1], "method": "dowser + protect"})
+    both = [m for m in ("dowser", "dowser + protect") if m in now]
+    record(both[0], 1, model, seconds, extra)
+    if len(both) == 2:
+        rows.append({**rows[-1], "method": "dowser + protect"})
     after_first = copy.deepcopy(model)
-    for stage in range(2, len(TASKS) + 1):
+    for stage in range(2, len(TASKS) + 1 if "dowser" in now else 2):
         _, seconds, extra = dowser_stage(model, stage, None)
         record("dowser", stage, model, seconds, extra)
     del model
     model, protect = after_first, first
+    if "dowser + protect" not in now:
+        protect_stages = []
+    else:
+        protect_stages = range(2, len(TASKS) + 1)
     prev = {n: model.get_parameter(n).detach().cpu().clone() for n in first}
-    for stage in range(2, len(TASKS) + 1):
+    for stage in protect_stages:
         masks, seconds, extra = dowser_stage(model, stage, protect)
         # entries of earlier tasks: bit-identical after this stage
         extra["protected_changed"] = sum(
@@ -164,6 +181,22 @@ def main() -> None:
     write_results("continual", rows, args.device, notes=notes)
     _plot(rows, args)
     print(_summary_md(summary))
+
+
+def _read_rows(path: str) -> list[dict]:
+    import csv
+
+    out = []
+    with open(path) as fh:
+        for r in csv.DictReader(fh):
+            row = {}
+            for k, v in r.items():
+                if v == "" or k in ("method", "trained"):
+                    row[k] = v
+                else:
+                    row[k] = int(v) if k == "stage" else float(v)
+            out.append(row)
+    return out
 
 
 def summarise(rows: list[dict], zero: dict) -> list[dict]:

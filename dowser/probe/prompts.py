@@ -3,6 +3,8 @@ model samples the rest (temperature 0.9, top-p 0.9, repetition penalty 1.05)."""
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Any
 
 import torch
@@ -105,9 +107,14 @@ def synthetic_prompts(model: nn.Module, tokenizer: Any = None, *, batch: int, n_
     finished = torch.zeros(n_rows, dtype=torch.bool)
     past = None
     cur = ids
+    # transformers >= 5.2x names the KV cache `cache` (past_key_values warns); older ones don't
+    try:
+        cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        cache_kw = "past_key_values"
     while ids.shape[1] < seq_len:
-        out = model(input_ids=cur.to(dev), past_key_values=past, use_cache=True)
-        past = getattr(out, "past_key_values", None)
+        out = model(input_ids=cur.to(dev), use_cache=True, **{cache_kw: past})
+        past = getattr(out, cache_kw, None)
         logits = logits_of(out)[:, -1, :].float().cpu()
         # repetition penalty (as transformers' RepetitionPenaltyLogitsProcessor)
         prev = ids.clamp_max(logits.shape[1] - 1)

@@ -73,8 +73,14 @@ def test_report_from_partial_csv(study, tmp_path, monkeypatch):
         w.writerows(rows)
     args = argparse.Namespace(depths=[30, 8], seeds=[0, 1], third_seed=2, device="cpu", tag="", steps=32)
     monkeypatch.setattr(study, "plot", lambda *a: None)
+    docs = tmp_path / "study.md"
+    docs.write_text(f"intro\n{study.BEGIN}\nold\n{study.END}\noutro\n")
+    monkeypatch.setattr(study, "DOCS", docs)
     study.report(path, args)
     md = (tmp_path / "forgetting-cpu.md").read_text()
+    page = docs.read_text()
+    assert page.startswith("intro\n") and page.endswith("outro\n") and "old" not in page
+    assert "| 30 | dowser df 0.5 | 1e-03 | 3 |" in page
     # 3 configs x 3 lrs x 2 sweep seeds + 1 wanda run; a 3rd seed at the best lr of each of 3
     assert "19 of 108 sweep runs" in md and "3 of 18 3rd-seed runs" in md
     assert "| 30 | dowser df 0.5 | 1e-03 | 3 |" in md  # the highest val_H lr, all 3 seeds

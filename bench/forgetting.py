@@ -271,37 +271,11 @@ class Study:
 
 
 def make_masks(model: torch.nn.Module, stats, rho: float, method: str, seed: int, modules: list[str]):
-    """dowser.build_masks(method=...): one exact-k selection for every scoring rule.
-
-    With a dowser whose build_masks has no method= yet, magnitude and wanda go through the same
-    selection with rank-1 factors (ones; ones and the probe's input norms) and random through
-    an exact-k random permutation per matrix; the row's mask_method says which was used."""
-    import inspect
-
-    if "method" in inspect.signature(dowser.build_masks).parameters:
-        if stats is None:
-            return dowser.build_masks(model, None, rho=rho, method=method, seed=seed, targets=modules)
-        return dowser.build_masks(model, stats, rho=rho, method=method, seed=seed)
-    from dowser.masks import MaskSet
-    from dowser.probe import ProbeEntry, ProbeStats
-    from dowser.probe.targets import layer_dims
-
-    if method == "dowser":
-        masks = dowser.build_masks(model, stats, rho=rho)
-        return MaskSet(dict(masks.items()), masks.shapes, {**masks.metadata, "method": "dowser"})
-    mods = dict(model.named_modules())
-    entries = {}
-    for m in modules:
-        d_out, d_in = layer_dims(mods[m])
-        a = stats[m].input_norms().reshape(1, d_in).float() if method == "wanda" else torch.ones(1, d_in)
-        entries[m] = ProbeEntry(torch.ones(1, d_out), a, torch.ones(1))
-    masks = dowser.build_masks(model, ProbeStats(entries, {}), rho=rho)
-    if method == "random":
-        from dowser.finetune import random_masks
-
-        return MaskSet(random_masks(masks, masks.shapes, rho, seed), masks.shapes,
-                       {**masks.metadata, "method": "random (randperm, local)"})
-    return MaskSet(dict(masks.items()), masks.shapes, {**masks.metadata, "method": f"{method} (local)"})
+    """dowser.build_masks(method=...): one exact-k selection for every scoring rule (random and
+    magnitude need no probe: their targets are the tuned layers' linear modules)."""
+    if stats is None:
+        return dowser.build_masks(model, None, rho=rho, method=method, seed=seed, targets=modules)
+    return dowser.build_masks(model, stats, rho=rho, method=method, seed=seed)
 
 
 def trainable_count(model: torch.nn.Module, masks) -> int:

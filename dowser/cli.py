@@ -121,8 +121,8 @@ def plot_masks(masks, path: str) -> None:
     ax1.xaxis.get_major_locator().set_params(integer=True)
     ax1.set_xlabel("layer")
     ax1.set_ylabel("trainable fraction")
-    ax1.set_title(f"trainable fraction per layer (rho={masks.metadata.get('rho')}, "
-                  f"scope={masks.metadata.get('scope')})")
+    ax1.set_title(f"trainable fraction per layer ({masks.metadata.get('method', 'dowser')}, "
+                  f"rho={masks.metadata.get('rho')}, scope={masks.metadata.get('scope')})")
     ax1.legend(fontsize=8)
     samples: dict[str, list[torch.Tensor]] = {}
     for name, s in masks.score_samples.items():

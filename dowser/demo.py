@@ -180,9 +180,9 @@ def run_demo(model: str = "auto", rho: float = 0.5, steps: int | None = None, se
     n_layers = len(decoder_layers(dm.model)[1])
     scale = 2 if full else 1
     if steps is None:
-        steps = (32 if use_smol else 150) * scale
+        steps = (24 if use_smol else 150) * scale
     if lr is None:
-        lr = 1e-4 if use_smol else 3e-3
+        lr = 3e-4 if use_smol else 3e-3
     up = upstream_chunks(dm.tokenizer, seq_len=64, n_chunks=(8 if use_smol else 24) * scale, bos_id=dm.bos_id)
     test_ex = cipher_examples(dm.tokenizer, (32 if use_smol else 64) * scale, seed=2000 + seed, bos_id=dm.bos_id)
     train_ex = cipher_examples(dm.tokenizer, 512, seed=1000 + seed, bos_id=dm.bos_id, exclude=test_ex)
@@ -262,18 +262,7 @@ def run_demo(model: str = "auto", rho: float = 0.5, steps: int | None = None, se
 
 
 def _masks(model: torch.nn.Module, stats: Any, rho: float, method: str, seed: int) -> Any:
-    """dowser.build_masks for `method`; a random mask takes its targets from the dowser probe."""
-    import inspect
-
+    """dowser.build_masks for `method` on the probed layers (random reuses dowser's targets)."""
     import dowser
 
-    if "method" in inspect.signature(dowser.build_masks).parameters:
-        return dowser.build_masks(model, stats, rho=rho, method=method, seed=seed)
-    masks = dowser.build_masks(model, stats, rho=rho)  # dowser without build_masks(method=)
-    if method == "random":
-        from dowser.finetune import random_masks
-        from dowser.masks import MaskSet
-
-        return MaskSet(random_masks(masks, masks.shapes, rho, seed), masks.shapes,
-                       {**masks.metadata, "method": "random"})
-    return masks
+    return dowser.build_masks(model, stats, rho=rho, method=method, seed=seed)

@@ -3,13 +3,16 @@ bench/forgetting.py. Real training code should use its own loop or HF Trainer (s
 
 from __future__ import annotations
 
+import inspect
 import random
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dowser.tasks import Example, answer_logits, collate, task_accuracy, upstream_metrics
+from dowser.optim import MaskedAdamW
+from dowser.tasks import Example, collate, task_accuracy, upstream_metrics
 
 
 def hscore(a_up: float, a_down: float) -> float:
@@ -26,6 +29,38 @@ def evaluate(model: torch.nn.Module, up_chunks: torch.Tensor, down_examples: Seq
     a_up, a_down = up["acc"], down["exact_match"]
     return {"A_up": a_up, "CE_up": up["ce"], "A_down": a_down, "down_token_acc": down["token_acc"],
             "Avg": (a_up + a_down) / 2, "H": hscore(a_up, a_down)}
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    # a PEFT wrapper's forward passes **kwargs through to the model it wraps
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def answer_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the labelled (answer) tokens of `batch` (input_ids, attention_mask,
+    labels with -100 elsewhere), as `model(**batch).loss` computes it.
+
+    Only the positions that predict a labelled token go through the output head: with a
+    49k-token vocabulary the head and its backward are a large share of a short-sequence
+    step, and prompt positions need no logits. Models whose forward has no `logits_to_keep`
+    (Hugging Face causal LMs have it) fall back to `model(**batch).loss`.
+    """
+    if not _accepts_logits_to_keep(model):
+        return model(**batch).loss
+    labels = batch["labels"]
+    target = labels[:, 1:]  # logits at position t predict the token at t + 1
+    keep = (target != -100).any(0).nonzero().squeeze(1)  # union over the batch's rows
+    if keep.numel() == 0:
+        return model(**batch).loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, logits_to_keep=keep).logits
+    # fp32 logits and a mean over labelled tokens, like transformers' ForCausalLMLoss
+    return F.cross_entropy(logits.float().flatten(0, 1), target[:, keep].flatten(),
+                           ignore_index=-100)
 
 
 def train(model: torch.nn.Module, examples: Sequence[Example], optimizer: torch.optim.Optimizer,
@@ -51,12 +86,17 @@ def train(model: torch.nn.Module, examples: Sequence[Example], optimizer: torch.
     for step in bar:
         batch = collate(rng.sample(pool, batch_size), pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits, target, _ = answer_logits(model, batch)
-        loss = torch.nn.functional.cross_entropy(logits.float(), target)
+        loss = answer_loss(model, batch)
         loss.backward()
+        finite = False
         if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            finite = bool(torch.isfinite(norm))
+        if finite and isinstance(optimizer, MaskedAdamW):
+            # a finite total norm proves every gradient finite: no second NaN/Inf pass
+            optimizer.step(grads_finite=True)
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -65,26 +105,6 @@ def train(model: torch.nn.Module, examples: Sequence[Example], optimizer: torch.
             model.train()
     model.eval()
     return losses
-
-
-def random_masks(like: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]], rho: float,
-                 seed: int) -> dict[str, torch.Tensor]:
-    """Baseline masks: exactly the same k = floor(rho*n + 0.5) entries per matrix, chosen at random."""
-    from dowser._checks import check_rho
-    from dowser.ops import pack_mask
-
-    rho = check_rho(rho)
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name in like:
-        n = 1
-        for s in shapes[name]:
-            n *= int(s)
-        k = int(rho * n + 0.5)
-        flat = torch.zeros(n, dtype=torch.bool)
-        flat[torch.randperm(n, generator=gen)[:k]] = True
-        out[name] = pack_mask(flat.view(tuple(shapes[name]))).to(like[name].device)
-    return out
 
 
 def freeze_outside(model: torch.nn.Module, trainable: Any) -> None:

@@ -1,15 +1,20 @@
-"""Stage 2 of Model-Dowser: masks from probe statistics, and their safetensors files.
+"""Stage 2 of Model-Dowser: masks from probe statistics (or from a baseline rule), and their
+safetensors files.
 
-Every mask is built by `dowser.ops.build_mask` (or `build_masks_global`) straight from the
-low-rank factors, over the parameter AS STORED: GPT-2's Conv1D keeps W^T (d_in x d_out), so its
-mask is built on the stored weight with the factors swapped. No d_out x d_in score matrix is
-ever materialised here.
+One builder for every scoring rule (see docs/methods.md): "dowser" |W|*(Psi^T diag(w) A)/sum(w),
+"magnitude" |W|, "wanda" |W_ij|*||X_j||_2 all go through `dowser.ops.build_mask` (or
+`build_masks_global`) as low-rank factors (magnitude and wanda are rank 1 with factors of ones
+and of input norms), over the parameter AS STORED: GPT-2's Conv1D keeps W^T (d_in x d_out), so
+its mask is built on the stored weight with the factors swapped. "random" scores entry i of
+parameter `name` by a counter-based hash of (seed, name, i) (dowser._keys). No d_out x d_in
+score matrix is ever materialised here.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,12 +23,15 @@ from torch import nn
 from dowser import _artifacts
 from dowser._artifacts import model_identity
 from dowser._checks import check_rho
-from dowser.probe.stats import ProbeStats
-from dowser.probe.targets import is_conv1d, layer_dims
+from dowser.probe.stats import ProbeEntry, ProbeStats
+from dowser.probe.targets import is_conv1d, layer_dims, weight_of
 
 KIND = "dowser.MaskSet"
 
-__all__ = ["MaskSet", "build_masks"]
+__all__ = ["MaskSet", "build_masks", "METHODS"]
+
+METHODS = ("dowser", "magnitude", "wanda", "random")
+SELECTS = ("lowest", "highest")
 
 _SAMPLES_PREFIX = "__score_samples__."
 _N_SAMPLES = 2048  # sampled scores kept per matrix for `dowser inspect` histograms
@@ -34,7 +42,8 @@ class MaskSet(Mapping):
 
     Attributes:
         shapes: parameter name -> the parameter's shape (the mask's layout is row-major over it).
-        metadata: rho, scope, probe settings, model identity, package version.
+        metadata: method, select, rho, scope, seed (of build_masks), probe settings (the probe's
+            seed as probe_seed), model identity, package version.
         score_samples: parameter name -> fp32 scores of a fixed random sample of its entries
             (for histograms; empty when unknown).
     """
@@ -59,8 +68,8 @@ class MaskSet(Mapping):
         return len(self._masks)
 
     def __repr__(self) -> str:
-        return (f"MaskSet({len(self)} masks, rho={self.metadata.get('rho')}, "
-                f"scope={self.metadata.get('scope')})")
+        return (f"MaskSet({len(self)} masks, method={self.metadata.get('method', 'dowser')}, "
+                f"rho={self.metadata.get('rho')}, scope={self.metadata.get('scope')})")
 
     def to(self, device: torch.device | str) -> "MaskSet":
         """A copy with every mask on `device`."""
@@ -95,8 +104,8 @@ class MaskSet(Mapping):
         lines.append(f"{'total':<{width}}  {'':>14}  {all_t:>11}  {all_n:>11}  "
                      f"{(all_t / all_n if all_n else 0):>8.4f}")
         meta = ", ".join(f"{k}={self.metadata[k]}" for k in
-                         ("rho", "scope", "n_samples", "n_rademacher", "estimator", "seed",
-                          "model_name") if k in self.metadata)
+                         ("method", "select", "rho", "scope", "seed", "n_samples", "n_rademacher",
+                          "estimator", "probe_seed", "model_name") if k in self.metadata)
         return meta + "\n" + "\n".join(lines)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -106,9 +115,9 @@ class MaskSet(Mapping):
             tensors[_SAMPLES_PREFIX + k] = v.detach().float().cpu().clone()
         meta = {**self.metadata, "shapes": {k: list(v) for k, v in self.shapes.items()}}
         _artifacts.save(path, tensors, KIND, meta,
-                        plain=("format_version", "rho", "scope", "method", "n_samples",
-                               "n_rademacher", "estimator", "seed", "model_name", "config_hash",
-                               "dowser_version"))
+                        plain=("format_version", "rho", "scope", "method", "select", "n_samples",
+                               "n_rademacher", "estimator", "seed", "probe_seed", "model_name",
+                               "config_hash", "dowser_version"))
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "MaskSet":
@@ -146,6 +155,12 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
+def _sample_index(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    n = min(_N_SAMPLES, rows * cols)
+    return torch.randperm(rows * cols, generator=gen)[:n] if rows * cols <= 1 << 24 else \
+        torch.randint(0, rows * cols, (n,), generator=gen)
+
+
 def _sample_scores(weight: torch.Tensor, psi: torch.Tensor, a: torch.Tensor, bw: torch.Tensor,
                    conv1d: bool, gen: torch.Generator) -> torch.Tensor:
     """Scores of _N_SAMPLES random entries of the stored weight, without the dense matrix
@@ -158,10 +173,7 @@ def _sample_scores(weight: torch.Tensor, psi: torch.Tensor, a: torch.Tensor, bw:
     else:
         psi = psi[:, row0:row0 + weight.shape[0]]
     rows, cols = weight.shape
-    n = min(_N_SAMPLES, rows * cols)
-    idx = torch.randperm(rows * cols, generator=gen)[:n] if rows * cols <= 1 << 24 else \
-        torch.randint(0, rows * cols, (n,), generator=gen)
-    idx = idx.to(weight.device)
+    idx = _sample_index(rows, cols, gen).to(weight.device)
     r, c = idx // cols, idx % cols
     out_i, in_j = (c, r) if conv1d else (r, c)
     w = bw.double() / bw.double().sum()
@@ -169,65 +181,173 @@ def _sample_scores(weight: torch.Tensor, psi: torch.Tensor, a: torch.Tensor, bw:
     return (weight.detach().reshape(-1)[idx].double().abs() * low).float().cpu()
 
 
-def build_masks(model: nn.Module, stats: ProbeStats, rho: float = 0.1,
-                scope: str = "matrix") -> MaskSet:
-    """Masks for every probed layer: the bottom-rho fraction by score is trainable (bit 1).
+def _check_method(method: str, select: str, seed: int, scope: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    if select not in SELECTS:
+        raise ValueError(f"select must be 'lowest' or 'highest', got {select!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if scope not in ("matrix", "global"):
+        raise ValueError(f"scope must be 'matrix' or 'global', got {scope!r}")
 
-    scope="matrix": exactly k = floor(rho * n + 0.5) entries of every matrix;
-    scope="global": all probed matrices ranked together (dowser.ops.build_masks_global).
-    Keys are parameter names (as in model.named_parameters()); masks lie on each weight's device.
+
+def _resolve_targets(model: nn.Module, stats: ProbeStats | None, targets: Any, method: str
+                     ) -> list[str]:
+    """Module names to mask: `targets` when given (each in stats for the probe-based rules),
+    else the probed layers."""
+    if stats is not None and not isinstance(stats, ProbeStats):
+        raise TypeError(f"stats must be a ProbeStats (from dowser.probe), got {type(stats).__name__}")
+    if stats is None and method in ("dowser", "wanda"):
+        raise ValueError(f"method={method!r} needs probe statistics: pass stats=dowser.probe(...)")
+    if targets is None:
+        if stats is None:
+            raise ValueError(f"method={method!r} without stats needs targets= (module names)")
+        names = list(stats)
+    else:
+        if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+            raise ValueError("targets must be a sequence of module names (strings)")
+        names = list(dict.fromkeys(targets))
+        if not names:
+            raise ValueError("targets is empty")
+        if stats is not None and method in ("dowser", "wanda"):
+            missing = [n for n in names if n not in stats]
+            if missing:
+                raise ValueError(f"targets names {missing[0]!r}, which the statistics lack")
+    modules = dict(model.named_modules())
+    for name in names:
+        mod = modules.get(name)
+        if mod is None or weight_of(mod) is None:
+            where = "stats has layer" if targets is None else "targets names"
+            raise ValueError(f"{where} {name!r}, which this {type(model).__name__} lacks "
+                             "(or which is not a linear layer)")
+    return names
+
+
+def _rule_factors(method: str, entry: ProbeEntry | None, d_out: int, d_in: int,
+                  dev: torch.device, mname: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Psi (B, d_out), A (B, d_in), batch weights (B,)) of a factor rule, fp32 on `dev`."""
+    if method == "dowser":
+        if (entry.out_factors.shape[1], entry.in_factors.shape[1]) != (d_out, d_in):
+            raise ValueError(f"stats for {mname!r} are {entry.out_factors.shape[1]}x"
+                             f"{entry.in_factors.shape[1]} but the layer is {d_out}x{d_in}")
+        return (entry.out_factors.to(dev, torch.float32), entry.in_factors.to(dev, torch.float32),
+                entry.batch_weights.to(dev, torch.float32))
+    ones = torch.ones(1, dtype=torch.float32, device=dev)
+    psi = torch.ones(1, d_out, dtype=torch.float32, device=dev)
+    if method == "magnitude":
+        return psi, torch.ones(1, d_in, dtype=torch.float32, device=dev), ones
+    if entry.in_sq is None:
+        raise ValueError(f"stats for {mname!r} hold no input norms (made by an older dowser): "
+                         "probe again for method='wanda'")
+    if entry.in_sq.shape[-1] != d_in:
+        raise ValueError(f"stats for {mname!r} have {entry.in_sq.shape[-1]} input norms but "
+                         f"the layer has d_in={d_in}")
+    return psi, entry.input_norms().to(dev, torch.float32)[None], ones
+
+
+def build_masks(model: nn.Module, stats: ProbeStats | None = None, rho: float = 0.1, *,
+                scope: str = "matrix", method: str = "dowser", select: str = "lowest",
+                seed: int = 0, targets: Sequence[str] | None = None) -> MaskSet:
+    """Masks for every targeted layer: the rho fraction of entries with the lowest (or highest)
+    score is trainable (bit 1), the rest frozen.
+
+    Args:
+        model: the model whose linear layers are masked (weights of any float dtype).
+        stats: `dowser.probe(...)` statistics; needed by "dowser" and "wanda", optional for
+            "magnitude" and "random" (which then need only `targets`).
+        rho: trainable fraction in [0, 1].
+        scope: "matrix": exactly k = floor(rho * n + 0.5) entries of every matrix; "global":
+            all targeted matrices ranked together (k over their total), ties by target order.
+        method: the score of entry (i, j) of z = W h:
+            "dowser"    |W_ij| * (Psi^T diag(w) A)_ij / sum(w) (the probe's low-rank factors);
+            "magnitude" |W_ij| (the same op with rank-1 factors of ones);
+            "wanda"     |W_ij| * ||X_j||_2, ||X_j||_2^2 the mean of h_j^2 over the probe's
+                        tokens (`ProbeEntry.input_norms()`; rank-1 factors ones and norms);
+            "random"    a 32-bit counter-based hash of (seed, parameter name, flat index):
+                        exactly k uniformly random entries, rebuilt from (seed, name) alone.
+        select: "lowest" (the paper's rule: train the least important) or "highest" (the
+            top-k, for ablations). Both take ties by the lower row-major flat index: "highest"
+            selects the k lowest of the NEGATED scores (the row factor is negated, which negates
+            every fp32 product and sum exactly, so the order of distinct scores reverses and
+            equal scores stay equal), or of 2^32 - 1 - key for "random", through the same
+            bottom-k selection and its tie rule.
+        seed: the random rule's seed (recorded in the metadata for every method).
+        targets: module names to mask (default: every layer in `stats`).
+
+    Keys are parameter names (as in model.named_parameters()); masks lie on each weight's
+    device. The metadata records method, select, seed, rho, scope, the probe's settings (its
+    seed as probe_seed) and the model's identity.
 
     Under torch.distributed (a process group with more than one rank; every rank calls this
     with the same stats) the work is shared and every rank gets the same full masks, equal bit
     for bit to a single process's: replicated weights at per-matrix scope are spread over the
     ranks and the packed masks broadcast; weights sharded on dim 0 (FSDP2) and the global scope
-    select over each rank's rows with one histogram all-reduce per radix pass.
+    select over each rank's rows with one histogram all-reduce per radix pass. "random" needs
+    no communication: every rank computes the same keys.
     """
     from dowser import __version__
+    from dowser import _keys
     from dowser import distributed as dd
     from dowser import ops
 
     rho = check_rho(rho)
-    if scope not in ("matrix", "global"):
-        raise ValueError(f"scope must be 'matrix' or 'global', got {scope!r}")
-    if not isinstance(stats, ProbeStats):
-        raise TypeError(f"stats must be a ProbeStats (from dowser.probe), got {type(stats).__name__}")
+    _check_method(method, select, seed, scope)
+    names_m = _resolve_targets(model, stats, targets, method)
     modules = dict(model.named_modules())
     pnames = _param_names(model)
-    layers, names, shapes, samples = [], [], {}, {}
+    highest = select == "highest"
+    layers, names, shapes, samples, devices = [], [], {}, {}, []
     gen = torch.Generator().manual_seed(0)
-    for mname, entry in stats.items():
-        mod = modules.get(mname)
-        if mod is None or not isinstance(getattr(mod, "weight", None), torch.Tensor):
-            raise ValueError(f"stats has layer {mname!r}, which this {type(model).__name__} lacks")
+    for mname in names_m:
+        mod = modules[mname]
         d_out, d_in = layer_dims(mod)
-        if (entry.out_factors.shape[1], entry.in_factors.shape[1]) != (d_out, d_in):
-            raise ValueError(f"stats for {mname!r} are {entry.out_factors.shape[1]}x"
-                             f"{entry.in_factors.shape[1]} but the layer is {d_out}x{d_in}")
         weight = mod.weight
-        dev = weight.device
-        psi = entry.out_factors.to(dev, torch.float32)
-        a = entry.in_factors.to(dev, torch.float32)
-        bw = entry.batch_weights.to(dev, torch.float32)
-        conv1d = is_conv1d(mod)
-        # The mask is laid out over the weight as stored: Conv1D stores W^T, whose rows are the
-        # layer's inputs, so its "out" factor is A and its "in" factor is Psi.
-        rows_f, cols_f = (a, psi) if conv1d else (psi, a)
-        layers.append((weight.detach(), rows_f, cols_f, bw))
         pname = pnames[id(weight)]
         if pname in shapes:
             raise ValueError(f"parameter {pname!r} is targeted twice (tied weights?)")
         names.append(pname)
         shapes[pname] = tuple(weight.shape)
+        dev = dd.local_tensor(weight).device
+        devices.append(dev)
+        if method == "random":
+            rows, cols = weight.shape
+            base = _keys.stream_base(seed, pname)
+            samples[pname] = (_keys.hash_keys_at(base, _sample_index(rows, cols, gen))
+                              .double() / 2.0 ** 32).float()
+            continue
+        entry = stats[mname] if stats is not None and mname in stats else None
+        psi, a, bw = _rule_factors(method, entry, d_out, d_in, dev, mname)
+        conv1d = is_conv1d(mod)
         samples[pname] = _sample_scores(weight, psi, a, bw, conv1d, gen)
-    if dd.is_active():
+        if highest:
+            psi = -psi  # exact: every score changes sign, nothing else (see docstring)
+        # The mask is laid out over the weight as stored: Conv1D stores W^T, whose rows are the
+        # layer's inputs, so its "out" factor is A and its "in" factor is Psi.
+        rows_f, cols_f = (a, psi) if conv1d else (psi, a)
+        layers.append((weight.detach(), rows_f, cols_f, bw))
+    numels = [math.prod(shapes[n]) for n in names]
+    if method == "random":
+        srcs = [_keys.random_key_chunks(seed, n, numel, dev, highest)
+                for n, numel, dev in zip(names, numels, devices)]
+        if scope == "global":
+            packed, _ = _keys.select_lowest(srcs, numels, ops._k_for(rho, sum(numels)))
+            packed = [p.to(d) for p, d in zip(packed, devices)]
+        else:
+            packed = [_keys.select_lowest([s], [numel], ops._k_for(rho, numel), dev)[0][0]
+                      for s, numel, dev in zip(srcs, numels, devices)]
+    elif dd.is_active():
         packed = dd.build_masks(layers, [shapes[n] for n in names], rho, scope)
     elif scope == "global":
         packed = ops.build_masks_global(layers, rho)
     else:
         packed = [ops.build_mask(w, o, i, rho, batch_weights=bw) for (w, o, i, bw) in layers]
-    meta = {k: v for k, v in stats.metadata.items() if k != "roles"}
+    meta: dict[str, Any] = {}
+    if stats is not None:
+        meta = {k: v for k, v in stats.metadata.items() if k != "roles"}
+        if "seed" in meta:
+            meta["probe_seed"] = meta.pop("seed")
     meta.update(model_identity(model))
-    meta.update({"rho": rho, "scope": scope, "dowser_version": __version__,
-                 "modules": {p: m for p, m in zip(names, stats)}})
+    meta.update({"method": method, "select": select, "seed": seed, "rho": rho, "scope": scope,
+                 "dowser_version": __version__, "modules": dict(zip(names, names_m))})
     return MaskSet(dict(zip(names, packed)), shapes, meta, samples)

@@ -285,9 +285,15 @@ class MaskedAdamW(_MaskedOptimizer):
         return hook
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None, *, grads_finite: bool = False) -> Any:
         """One AdamW step over every parameter with a gradient (or, with step_in_backward,
-        just run the closure: its backward pass does the updates)."""
+        just run the closure: its backward pass does the updates).
+
+        grads_finite=True: the caller has already proved every gradient finite — e.g. the
+        total norm returned by torch.nn.utils.clip_grad_norm_ is finite (a NaN/Inf anywhere
+        makes it NaN/Inf) — so the atomic NaN/Inf pre-pass is skipped and the step reads the
+        gradients once. Should a gradient be NaN/Inf after all, its entries keep their bits
+        and ValueError follows the step, as with nonfinite="skip"."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -295,7 +301,7 @@ class MaskedAdamW(_MaskedOptimizer):
         if self.step_in_backward:
             return loss
         skipped: list = []
-        checked = self.nonfinite == "check" and self._check_all()
+        checked = self.nonfinite == "check" and (bool(grads_finite) or self._check_all())
         for group in self.param_groups:
             self._update(group, None, skipped, checked)
         self._raise_skipped(skipped)  # nonfinite="skip": after every group was stepped

@@ -366,9 +366,12 @@ def report(path: Path, args: argparse.Namespace) -> None:
               f"{', '.join(map(str, args.seeds))}); mean ± std over the seeds run at that lr (test sets). "
               "dCE_up: increase of held-out cross-entropy over zero-shot (nats/token; forgetting). "
               "trainable: entries that can change (mask bits + dense norms; LoRA adapter weights).", ""]
-    cols = list(table[0]) if table else []
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(t[c]) for c in cols) + " |" for t in table]
+    if table:
+        cols = list(table[0])
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(str(t[c]) for c in cols) + " |" for t in table]
+    else:
+        lines += ["(no fine-tuning run finished yet)"]
     lines += ["", "## t-tests (headline regime, rho = 0.5, best lr each, Welch)", ""]
     lines += ttests(best, args.depths[0])
     lines += ["", "## every run (mean over seeds per lr)", ""]

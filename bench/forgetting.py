@@ -449,7 +449,28 @@ def plot(runs: list[dict], zero: list[dict], args: argparse.Namespace) -> Path |
     if plt is None:
         print("matplotlib not installed: no plot")
         return None
-    fig, axes = plt.subplots(1, len(args.depths), figsize=(6.5 * len(args.depths), 5), squeeze=False)
+    fig, axes = plt.subplots(2, len(args.depths), figsize=(6.5 * len(args.depths), 9), squeeze=False,
+                             gridspec_kw={"height_ratios": [5, 3]})
+    for ax, layers in zip(axes[1], args.depths):
+        # A_down along training at each method's best lr so far (by validation H)
+        for c in CONFIGS:
+            rs = [r for r in runs if r["config"] == c and int(r["layers"]) == layers and r["A_down_curve"]]
+            if not rs:
+                continue
+            by_lr: dict[float, list[dict]] = {}
+            for r in rs:
+                by_lr.setdefault(float(r["lr"]), []).append(r)
+            lr = max(by_lr, key=lambda v: statistics.mean(float(r["val_H"]) for r in by_lr[v]))
+            curves = [[float(v) for v in r["A_down_curve"].split()] for r in by_lr[lr]]
+            ys = [statistics.mean(col) for col in zip(*curves)]
+            xs = [args.every * (i + 1) for i in range(len(ys))]
+            ax.plot(xs, ys, "o-", color=COLORS[c], label=f"{c} ({lr:.0e})", alpha=0.85)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("A_down (test)")
+        ax.set_title(f"A_down along training, best lr by validation ({layers} layers)", fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6)
     for ax, layers in zip(axes[0], args.depths):
         for c in CONFIGS:
             pts = []
@@ -471,7 +492,8 @@ def plot(runs: list[dict], zero: list[dict], args: argparse.Namespace) -> Path |
         ax.set_ylabel("A_up (held-out next-token accuracy)")
         ax.set_title(f"{'all ' if layers == 30 else 'last '}{layers} layers tuned, {args.steps} steps")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower left")
+    if axes[0][0].lines:
+        axes[0][0].legend(fontsize=7, loc="lower left")
     fig.suptitle("SmolLM2-135M: learning vs forgetting, one point per learning rate (mean over seeds)")
     fig.tight_layout()
     out = RESULTS / f"forgetting{args.tag}-{'cpu' if args.device == 'cpu' else 'gpu'}.png"

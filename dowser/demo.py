@@ -189,7 +189,7 @@ def run_demo(model: str = "auto", rho: float = 0.5, steps: int | None = None, se
     print(f"model: {dm.name}; all {n_layers} decoder layers tuned; downstream: digit cipher "
           f"({len(test_ex)} test prompts); upstream: held-out stdlib docs ({up.numel()} tokens); "
           f"{steps} steps of batch 8 at lr {lr:g} for every method; rho={rho}")
-    zero = evaluate(dm.model, up, test_ex, dm.pad_id)
+    zero = evaluate(dm.model, up, test_ex, dm.pad_id, progress=progress)
     rows = [{"method": "zero-shot", "trainable": 0, "seconds": 0.0, "A_down_curve": [], **zero,
              "dA_up": 0.0, "dCE_up": 0.0}]
     checkpoints = [max(1, round(steps * q / 4)) for q in (1, 2, 3, 4)]
@@ -201,14 +201,14 @@ def run_demo(model: str = "auto", rho: float = 0.5, steps: int | None = None, se
 
         def checkpoint(step: int) -> None:
             t0 = time.perf_counter()
-            curve.append(task_accuracy(net, test_ex, dm.pad_id)["exact_match"])
+            curve.append(task_accuracy(net, test_ex, dm.pad_id, progress=progress)["exact_match"])
             spent[0] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
         train(net, train_ex, opt, steps=steps, batch_size=8, pad_id=dm.pad_id, seed=seed,
               progress=progress, desc=label, checkpoints=checkpoints[:-1], on_checkpoint=checkpoint)
         seconds = time.perf_counter() - t0 - spent[0]
-        res = evaluate(net, up, test_ex, dm.pad_id)
+        res = evaluate(net, up, test_ex, dm.pad_id, progress=progress)
         row = {"method": label, "trainable": trainable, "seconds": seconds,
                "A_down_curve": curve + [res["A_down"]], **res,
                "dA_up": res["A_up"] - zero["A_up"], "dCE_up": res["CE_up"] - zero["CE_up"], **extra}

@@ -21,11 +21,11 @@ def hscore(a_up: float, a_down: float) -> float:
 
 
 def evaluate(model: torch.nn.Module, up_chunks: torch.Tensor, down_examples: Sequence[Example],
-             pad_id: int) -> dict[str, float]:
+             pad_id: int, progress: bool = False) -> dict[str, float]:
     """A_up (next-token accuracy on held-out text), CE_up (its cross-entropy, nats/token),
     A_down (exact match), down_token_acc, Avg and H-score."""
-    up = upstream_metrics(model, up_chunks)
-    down = task_accuracy(model, down_examples, pad_id)
+    up = upstream_metrics(model, up_chunks, progress=progress)
+    down = task_accuracy(model, down_examples, pad_id, progress=progress)
     a_up, a_down = up["acc"], down["exact_match"]
     return {"A_up": a_up, "CE_up": up["ce"], "A_down": a_down, "down_token_acc": down["token_acc"],
             "Avg": (a_up + a_down) / 2, "H": hscore(a_up, a_down)}

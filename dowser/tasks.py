@@ -86,15 +86,18 @@ def upstream_chunks(tokenizer: Any, seq_len: int = 128, n_chunks: int = 32, spli
 
 
 @torch.no_grad()
-def upstream_metrics(model: torch.nn.Module, chunks: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
+def upstream_metrics(model: torch.nn.Module, chunks: torch.Tensor, batch_size: int = 8,
+                     progress: bool = False) -> dict[str, float]:
     """Top-1 next-token accuracy ("acc") and mean cross-entropy in nats ("ce") over every
     position of every chunk: the two upstream (forgetting) measures."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     hits = total = 0
     nll = 0.0
-    for batch in chunks.split(batch_size):
+    for batch in tqdm(chunks.split(batch_size), desc="eval upstream", disable=not progress, leave=False):
         batch = batch.to(device)
         logits = model(input_ids=batch).logits[:, :-1].float()
         target = batch[:, 1:]
@@ -176,13 +179,16 @@ def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
 
 @torch.no_grad()
 def task_accuracy(model: torch.nn.Module, examples: Sequence[Example], pad_id: int,
-                  batch_size: int = 16) -> dict[str, float]:
+                  batch_size: int = 16, progress: bool = False) -> dict[str, float]:
     """Teacher-forced token accuracy and exact match on the answer tokens."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     tok_hits = tok_total = exact = 0
-    for start in range(0, len(examples), batch_size):
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc="eval downstream", disable=not progress, leave=False):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
         logits, target, rows = answer_logits(model, batch)
         correct = logits.argmax(-1) == target

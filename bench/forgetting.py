@@ -67,6 +67,7 @@ CONFIGS: dict[str, tuple[str, float | None, str, tuple[float, ...]]] = {
 COLORS = {"full FT": "black", "LoRA": "tab:purple", "dowser df 0.5": "tab:blue",
           "random 0.5": "tab:gray", "magnitude 0.5": "tab:orange", "wanda 0.5": "tab:green",
           "dowser rd 0.5": "tab:cyan", "dowser df 0.1": "tab:red", "random 0.1": "silver"}
+MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "tiny": "tiny built-in Llama (4 layers)"}
 TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FIELDS = ["config", "method", "rho", "probe", "layers", "lr", "seed", "trainable", "A_up", "CE_up",
           "dA_up", "dCE_up", "A_down", "down_token_acc", "Avg", "H", "A_down_curve", "val_A_up",
@@ -152,10 +153,11 @@ def tuned_targets(model: torch.nn.Module, layers: int) -> tuple[list[str], list[
 
 class Study:
     def __init__(self, args: argparse.Namespace) -> None:
-        from dowser.demo import load_smollm2
+        from dowser.demo import build_tiny, load_smollm2
 
         self.args = args
-        self.dm = load_smollm2()
+        # tiny: the demo's built-in 4-layer byte-level Llama, a fast check of the whole pipeline
+        self.dm = build_tiny(0, progress=args.progress) if args.model == "tiny" else load_smollm2()
         self.base = self.dm.model.to(args.device)
         tok, bos, self.pad = self.dm.tokenizer, self.dm.bos_id, self.dm.pad_id
         # Upstream: held-out prose chunks, the first up_test for test, the next up_val validation.
@@ -187,9 +189,15 @@ class Study:
                       seq_len=self.args.probe_len, seed=seed, progress=self.args.progress)
             if probe == "real-data":
                 texts = upstream_texts("probe")  # the even stdlib topics: never evaluated on
-                kw["prompts"] = texts[seed * self.args.n_samples:(seed + 1) * self.args.n_samples]
+                texts = texts[seed * self.args.n_samples:(seed + 1) * self.args.n_samples]
+                if self.dm.probe_tokenizer is None:  # token ids, cut to the probe length
+                    T = self.args.probe_len
+                    ids = [([self.dm.bos_id] + list(self.dm.tokenizer(t)["input_ids"]))[:T] for t in texts]
+                    kw["prompts"] = torch.tensor(ids)
+                else:
+                    kw["prompts"] = texts
             t0 = time.perf_counter()
-            stats = dowser.probe(model, self.dm.tokenizer, **kw)
+            stats = dowser.probe(model, self.dm.probe_tokenizer, **kw)
             secs = time.perf_counter() - t0
             stats.save(path)
         keep = set(tuned_targets(model, layers)[0])
@@ -351,7 +359,7 @@ def report(path: Path, args: argparse.Namespace) -> None:
                           "trainable": picked[0]["trainable"], "A_up": _ms(get("A_up")),
                           "dCE_up": _ms(get("dCE_up")), "A_down": _ms(get("A_down")),
                           "Avg": _ms(get("Avg")), "H": _ms(get("H")), "note": note})
-    lines = ["# forgetting study (SmolLM2-135M-Instruct)", ""]
+    lines = [f"# forgetting study ({MODEL_NAMES[args.model]})", ""]
     lines += [f"- {k}: {v}" for k, v in environment(args.device).items()]
     lines += [f"- runs CSV: `{path.relative_to(RESULTS.parent.parent)}`; grid done: "
               f"{done_sweep + done_third} of {total} required runs "
@@ -490,11 +498,11 @@ def plot(runs: list[dict], zero: list[dict], args: argparse.Namespace) -> Path |
             ax.axhline(float(zero[0]["A_up"]), linestyle=":", color="k", label="zero-shot A_up")
         ax.set_xlabel("A_down (cipher exact match, test)")
         ax.set_ylabel("A_up (held-out next-token accuracy)")
-        ax.set_title(f"{'all ' if layers == 30 else 'last '}{layers} layers tuned, {args.steps} steps")
+        ax.set_title(f"{'all ' if layers == args.depths[0] else 'last '}{layers} layers tuned, {args.steps} steps")
         ax.grid(alpha=0.3)
     if axes[0][0].lines:
         axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("SmolLM2-135M: learning vs forgetting, one point per learning rate (mean over seeds)")
+    fig.suptitle(f"{MODEL_NAMES[args.model]}: learning vs forgetting, one point per learning rate (mean over seeds)")
     fig.tight_layout()
     out = RESULTS / f"forgetting{args.tag}-{'cpu' if args.device == 'cpu' else 'gpu'}.png"
     fig.savefig(out, dpi=120)
@@ -530,10 +538,16 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="keep the runs CSV and skip runs already in it")
     ap.add_argument("--report", action="store_true", help="only rebuild table, t-tests and plot from the CSV")
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
+                    help="tiny: the built-in 4-layer model (use --depths 4 2 --tag=-tiny)")
+    ap.add_argument("--lr-scale", type=float, default=1.0, help="multiply every lr of the grid")
     ap.add_argument("--tag", default="", help="infix of the output names (e.g. -smoke)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.lr_scale != 1.0:
+        for c, (m, rho, probe, lrs) in list(CONFIGS.items()):
+            CONFIGS[c] = (m, rho, probe, tuple(float(f"{lr * args.lr_scale:.0e}") for lr in lrs))
     path = runs_path(args.device, args.tag)
     if args.report:
         report(path, args)

@@ -71,7 +71,8 @@ def test_report_from_partial_csv(study, tmp_path, monkeypatch):
         w = csv.DictWriter(fh, fieldnames=study.FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    args = argparse.Namespace(depths=[30, 8], seeds=[0, 1], third_seed=2, device="cpu", tag="", steps=32)
+    args = argparse.Namespace(depths=[30, 8], seeds=[0, 1], third_seed=2, device="cpu", tag="", steps=32,
+                              model="smollm2", every=8)
     monkeypatch.setattr(study, "plot", lambda *a: None)
     docs = tmp_path / "study.md"
     docs.write_text(f"intro\n{study.BEGIN}\nold\n{study.END}\noutro\n")

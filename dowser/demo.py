@@ -154,6 +154,7 @@ def _changed_frozen(model: torch.nn.Module, before: dict[str, torch.Tensor], mas
 
 def run_demo(model: str = "auto", rho: float = 0.5, steps: int | None = None, seed: int = 0,
              n_samples: int = 16, progress: bool = True, lr: float | None = None,
+             n_rademacher: int = 4, probe_len: int = 32,
              random_baseline: bool = True, full: bool = False,
              plot: str | None = "dowser-demo.png") -> list[dict]:
     """The demo: zero-shot, then full fine-tuning, dowser and (by default) a random mask at the
@@ -164,8 +165,9 @@ def run_demo(model: str = "auto", rho: float = 0.5, steps: int | None = None, se
     cross-entropy), dA_up / dCE_up (their change from zero-shot: forgetting), A_down (cipher
     exact match), down_token_acc, A_down_curve (A_down after every quarter of training), Avg, H,
     seconds (training time), and for the masked runs frozen_changed (frozen entries that moved:
-    always 0) and probe_s. `full=True` trains twice as long and evaluates on twice the data
-    (docs/study.md); `plot` is where the picture goes (None: no picture).
+    always 0) and probe_s. The probe is the study's: `n_samples` data-free prompts of
+    `probe_len` tokens, `n_rademacher` draws each. `full=True` trains twice as long and
+    evaluates on twice the data (docs/study.md); `plot` is where the picture goes (None: none).
     """
     import dowser
     from dowser.probe import decoder_layers
@@ -230,7 +232,8 @@ def run_demo(model: str = "auto", rho: float = 0.5, steps: int | None = None, se
         t0 = time.perf_counter()
         if method == "dowser":
             stats = dowser.probe(net, dm.probe_tokenizer, layers=n_layers, n_samples=n_samples,
-                                 seed=seed, progress=progress)
+                                 n_rademacher=n_rademacher, seq_len=probe_len, seed=seed,
+                                 progress=progress)
         masks = _masks(net, stats, rho, method, seed)
         probe_s = time.perf_counter() - t0
         freeze_outside(net, last_layer_params(net, n_layers))

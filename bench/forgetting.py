@@ -496,6 +496,7 @@ def plot(runs: list[dict], zero: list[dict], args: argparse.Namespace) -> Path |
                 ax.annotate(f"{lr:.0e}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
         if zero:
             ax.axhline(float(zero[0]["A_up"]), linestyle=":", color="k", label="zero-shot A_up")
+        ax.set_xlim(-0.03, 1.03)  # the whole learning axis, so depths and sessions compare
         ax.set_xlabel("A_down (cipher exact match, test)")
         ax.set_ylabel("A_up (held-out next-token accuracy)")
         ax.set_title(f"{'all ' if layers == args.depths[0] else 'last '}{layers} layers tuned, {args.steps} steps")

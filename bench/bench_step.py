@@ -26,7 +26,7 @@ with malloc_trim first); the number includes the model and its gradients.
 Masks: Model-Dowser masks from a small data-free probe (--probe-samples prompts; probing is not
 timed), built with dowser.build_masks.
 
-Two diagnostic rows (skip with --no-extra): full fine-tuning with the loss as train() computed
+Two diagnostic rows (at the --extra-layers depths, default the last 8 only): full fine-tuning with the loss as train() computed
 it before (`model(**batch).loss`: logits of every position through the 49k-vocabulary head),
 and dowser at rho = 0.1 on the plain-PyTorch reference step (DOWSER_BACKEND=reference: what a
 dowser install without its C++ extension runs).
@@ -217,18 +217,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-samples", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--name", default="step")
-    ap.add_argument("--no-extra", action="store_true",
-                    help="skip the two diagnostic rows (full-vocab loss; reference backend)")
+    ap.add_argument("--extra-layers", type=int, nargs="*", default=[8],
+                    help="depths that also get the two diagnostic rows (full-vocab loss; "
+                         "reference backend); none with an empty list")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load0 = os.getloadavg()[0]
     dm = load_smollm2()
-    rows = []
+    rows: list[dict] = []
     for layers in args.layers:
         rows += run_depth(dm, layers, args.rhos, args.steps, args.warmup, args.probe_samples,
-                          args.lr, not args.no_extra)
+                          args.lr, layers in args.extra_layers)
+        _write(args, rows, load0)  # after every depth: a killed run keeps what it measured
+    return 0
+
+
+def _write(args, rows: list[dict], load0: float) -> None:
     info = dowser.backend_info()
     notes = (
         "SmolLM2-135M-Instruct (fp32), batch 8 digit-cipher examples, answer-token loss "
@@ -250,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{load0:.1f} / {os.getloadavg()[0]:.1f} (a shared machine: wall times move with it)\n"
         f"- masks: Model-Dowser, data-free probe N={args.probe_samples}, R=2, 32 tokens")
     write_results(args.name, rows, "cpu", notes)
-    return 0
 
 
 if __name__ == "__main__":

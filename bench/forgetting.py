@@ -54,15 +54,15 @@ from dowser.tasks import cipher_examples, task_accuracy, upstream_chunks, upstre
 # The lr ranges differ by method on purpose: at one lr a mask partly acts as a smaller step, so
 # each method gets a sweep around its own working range; the best one is picked on validation.
 CONFIGS: dict[str, tuple[str, float | None, str, tuple[float, ...]]] = {
-    "full FT": ("full", None, "", (1e-4, 3e-4, 1e-3)),
-    "LoRA": ("lora", None, "", (1e-3, 3e-3, 1e-2)),
-    "dowser df 0.5": ("dowser", 0.5, "data-free", (3e-4, 1e-3, 3e-3)),
-    "random 0.5": ("random", 0.5, "", (3e-4, 1e-3, 3e-3)),
-    "magnitude 0.5": ("magnitude", 0.5, "", (3e-4, 1e-3, 3e-3)),
-    "wanda 0.5": ("wanda", 0.5, "data-free", (3e-4, 1e-3, 3e-3)),
-    "dowser rd 0.5": ("dowser", 0.5, "real-data", (3e-4, 1e-3, 3e-3)),
-    "dowser df 0.1": ("dowser", 0.1, "data-free", (1e-3, 3e-3, 1e-2)),
-    "random 0.1": ("random", 0.1, "", (1e-3, 3e-3, 1e-2)),
+    "full FT": ("full", None, "", (3e-5, 1e-4, 3e-4)),
+    "LoRA": ("lora", None, "", (3e-4, 1e-3, 3e-3)),
+    "dowser df 0.5": ("dowser", 0.5, "data-free", (1e-4, 3e-4, 1e-3)),
+    "random 0.5": ("random", 0.5, "", (1e-4, 3e-4, 1e-3)),
+    "magnitude 0.5": ("magnitude", 0.5, "", (1e-4, 3e-4, 1e-3)),
+    "wanda 0.5": ("wanda", 0.5, "data-free", (1e-4, 3e-4, 1e-3)),
+    "dowser rd 0.5": ("dowser", 0.5, "real-data", (1e-4, 3e-4, 1e-3)),
+    "dowser df 0.1": ("dowser", 0.1, "data-free", (3e-4, 1e-3, 3e-3)),
+    "random 0.1": ("random", 0.1, "", (3e-4, 1e-3, 3e-3)),
 }
 COLORS = {"full FT": "black", "LoRA": "tab:purple", "dowser df 0.5": "tab:blue",
           "random 0.5": "tab:gray", "magnitude 0.5": "tab:orange", "wanda 0.5": "tab:green",

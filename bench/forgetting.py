@@ -1,16 +1,32 @@
-"""Forgetting study on SmolLM2-135M (the paper's Tables 4/6/7 in miniature).
+"""Learning–forgetting study on SmolLM2-135M: every method over a learning-rate sweep, two depths.
 
-    python bench/forgetting.py                       # the required grid (see --help for the budget)
-    python bench/forgetting.py --extra               # + real-data probe and all-30-layer runs
-    python bench/forgetting.py --device cuda --steps 300 --seeds 0 1 2 3 4
+    python bench/forgetting.py --resume            # the required grid, resumable (see docs/study.md)
+    python bench/forgetting.py --report            # table, t-tests and Pareto plot from the CSV only
+    python bench/forgetting.py --device cuda --steps 128 --resume   # on a GPU: longer training
 
-Upstream (A_up): next-token top-1 accuracy on held-out English prose from Python's own docs
-(`pydoc_data.topics`, odd topics; real-data probes use the even ones). Downstream (A_down):
-exact match on the digit cipher of `dowser.tasks` (each digit -> a fixed letter), which
-SmolLM2 cannot do zero-shot. Methods: zero-shot, full fine-tuning of the last L layers, a random
-mask and a dowser (data-free) mask at the same rho, trained with the same MaskedAdamW step.
-Every run appends a row to bench/results/forgetting-runs-<device>.csv as soon as it finishes,
-so an interrupted study keeps what it measured; `--resume` skips runs already there.
+What one run is: a fresh copy of SmolLM2-135M-Instruct, the decoder layers of one regime tuned
+(headline: all 30; secondary: the last 8), `--steps` steps of batch `--batch` on the digit cipher
+of `dowser.tasks` (the same batches for every method at a seed), constant learning rate, grad
+clip 1, no weight decay. Methods (all on the same tuned layers):
+
+- full FT: every parameter of the tuned layers, torch AdamW;
+- LoRA: PEFT LoRA (rank `--lora-rank`, alpha 2r) on q/k/v/o/gate/up/down of the tuned layers;
+- masks at rho: random, magnitude, wanda, dowser (data-free probe), dowser (real-data probe),
+  all from `dowser.build_masks(method=...)` through the same exact-k selection, trained with
+  dowser.MaskedAdamW (1-D norms of the tuned layers train densely, as in dowser.prepare).
+
+Measured per run: A_down = exact match on 40 held-out cipher prompts after every `--every`
+steps (a learning curve per run); at the end A_up = next-token top-1 accuracy on held-out
+stdlib prose, CE_up its cross-entropy (forgetting = dCE_up, the increase over zero-shot), and
+the same two tasks on a VALIDATION split (24 cipher prompts, 4 prose chunks of 64 tokens,
+disjoint from the test sets). A method's best learning rate is the one with the highest mean validation H-score
+(harmonic mean of val A_up and val A_down) over seeds 0 and 1; its 3rd seed runs there. The test
+sets never choose anything.
+
+Every run appends its row to bench/results/forgetting-runs-<device>.csv as soon as it finishes;
+`--resume` skips runs already there, so the grid can be spread over several sessions. The
+report (table, t-tests, plot) is rebuilt from whatever rows exist and says how much of the grid
+is done.
 """
 
 from __future__ import annotations
@@ -18,6 +34,8 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import math
+import os
 import statistics
 import sys
 import time
@@ -26,30 +44,49 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, pyplot, write_results  # noqa: E402
+from common import RESULTS, environment, pyplot  # noqa: E402
 
 import dowser  # noqa: E402
-from dowser.demo import last_layer_params, load_smollm2  # noqa: E402
-from dowser.finetune import evaluate, freeze_outside, train  # noqa: E402
-from dowser.probe import decoder_layers  # noqa: E402
-from dowser.tasks import cipher_examples, upstream_chunks, upstream_texts  # noqa: E402
+from dowser.finetune import evaluate, freeze_outside, hscore, train  # noqa: E402
+from dowser.tasks import cipher_examples, task_accuracy, upstream_chunks, upstream_metrics, upstream_texts  # noqa: E402
 
-FIELDS = ["method", "rho", "layers", "seed", "probe", "A_up", "A_down", "down_token_acc", "Avg",
-          "H", "train_s", "frozen_changed"]
+# One entry per curve of the study: id -> (method, rho, probe, learning rates (3, spanning 10x)).
+# The lr ranges differ by method on purpose: at one lr a mask partly acts as a smaller step, so
+# each method gets a sweep around its own working range; the best one is picked on validation.
+CONFIGS: dict[str, tuple[str, float | None, str, tuple[float, ...]]] = {
+    "full FT": ("full", None, "", (3e-5, 1e-4, 3e-4)),
+    "LoRA": ("lora", None, "", (3e-4, 1e-3, 3e-3)),
+    "dowser df 0.5": ("dowser", 0.5, "data-free", (1e-4, 3e-4, 1e-3)),
+    "random 0.5": ("random", 0.5, "", (1e-4, 3e-4, 1e-3)),
+    "magnitude 0.5": ("magnitude", 0.5, "", (1e-4, 3e-4, 1e-3)),
+    "wanda 0.5": ("wanda", 0.5, "data-free", (1e-4, 3e-4, 1e-3)),
+    "dowser rd 0.5": ("dowser", 0.5, "real-data", (1e-4, 3e-4, 1e-3)),
+    "dowser df 0.1": ("dowser", 0.1, "data-free", (3e-4, 1e-3, 3e-3)),
+    "random 0.1": ("random", 0.1, "", (3e-4, 1e-3, 3e-3)),
+}
+COLORS = {"full FT": "black", "LoRA": "tab:purple", "dowser df 0.5": "tab:blue",
+          "random 0.5": "tab:gray", "magnitude 0.5": "tab:orange", "wanda 0.5": "tab:green",
+          "dowser rd 0.5": "tab:cyan", "dowser df 0.1": "tab:red", "random 0.1": "silver"}
+MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "tiny": "tiny built-in Llama (4 layers)"}
+TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FIELDS = ["config", "method", "rho", "probe", "layers", "lr", "seed", "trainable", "A_up", "CE_up",
+          "dA_up", "dCE_up", "A_down", "down_token_acc", "Avg", "H", "A_down_curve", "val_A_up",
+          "val_A_down", "val_H", "loss_end", "train_s", "step_s", "probe_s", "eval_s",
+          "frozen_changed", "mask_method"]
 
 
-def _runs_path(device: str) -> Path:
-    return RESULTS / f"forgetting-runs-{'cpu' if device == 'cpu' else 'gpu'}.csv"
+def runs_path(device: str, tag: str = "") -> Path:
+    return RESULTS / f"forgetting{tag}-runs-{'cpu' if device == 'cpu' else 'gpu'}.csv"
 
 
-def _done(path: Path) -> set[tuple]:
+def read_rows(path: Path) -> list[dict]:
     if not path.exists():
-        return set()
+        return []
     with open(path) as fh:
-        return {(r["method"], r["rho"], r["layers"], r["seed"], r["probe"]) for r in csv.DictReader(fh)}
+        return list(csv.DictReader(fh))
 
 
-def _append(path: Path, row: dict) -> None:
+def append_row(path: Path, row: dict) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=FIELDS)
@@ -58,171 +95,489 @@ def _append(path: Path, row: dict) -> None:
         w.writerow({k: row.get(k, "") for k in FIELDS})
 
 
-def _frozen_changed(model, before, masks) -> int:
+def run_key(config: str, layers: int | str, lr: float | str, seed: int | str) -> tuple[str, str, str, str]:
+    return (config, str(layers), f"{float(lr):.0e}" if lr != "" else "", str(seed))
+
+
+def row_key(r: dict) -> tuple[str, str, str, str]:
+    return run_key(r["config"], r["layers"], r["lr"], r["seed"])
+
+
+def best_lr(rows: list[dict], config: str, layers: int, seeds: list[int]) -> float | None:
+    """The lr with the highest mean validation H over `seeds`, once every lr has all of them."""
+    lrs = CONFIGS[config][3]
+    scores = {}
+    for lr in lrs:
+        vals = [float(r["val_H"]) for r in rows if row_key(r)[:3] == run_key(config, layers, lr, 0)[:3]
+                and int(r["seed"]) in seeds]
+        if len(vals) < len(seeds):
+            return None
+        scores[lr] = statistics.mean(vals)
+    return max(lrs, key=lambda lr: (scores[lr], -lr))  # ties: the smaller step
+
+
+def grid(rows: list[dict], depths: list[int], seeds: list[int], third: int | None,
+         configs: list[str]) -> tuple[list[tuple], int]:
+    """The runs still to do, in order (headline depth first; within a depth, seed by seed, the
+    middle lr of every method first so that partial results already compare methods), and the
+    size of the whole required grid."""
+    done = {row_key(r) for r in rows}
+    todo, total = [], 0
+    for layers in depths:
+        for seed in seeds:
+            for lr_idx in (1, 0, 2):
+                for c in configs:
+                    total += 1
+                    lr = CONFIGS[c][3][lr_idx]
+                    if run_key(c, layers, lr, seed) not in done:
+                        todo.append((c, layers, lr, seed))
+        if third is not None:
+            for c in configs:
+                total += 1
+                todo.append((c, layers, None, third))  # lr decided once its sweep is done
+    return todo, total
+
+
+def tuned_targets(model: torch.nn.Module, layers: int) -> tuple[list[str], list[str]]:
+    """(linear module names to mask or adapt, every parameter name of the tuned layers)."""
+    from dowser.probe import decoder_layers
+
+    prefix, layer_list = decoder_layers(model)
+    first = len(layer_list) - layers
+    modules = [n for n, _ in model.named_modules() if n.startswith(prefix + ".")
+               and int(n[len(prefix) + 1:].split(".")[0]) >= first and n.endswith(TARGET_SUFFIXES)]
+    params = [n for n, _ in model.named_parameters() if n.startswith(prefix + ".")
+              and int(n[len(prefix) + 1:].split(".")[0]) >= first]
+    return modules, params
+
+
+class Study:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from dowser.demo import build_tiny, load_smollm2
+
+        self.args = args
+        # tiny: the demo's built-in 4-layer byte-level Llama, a fast check of the whole pipeline
+        self.dm = build_tiny(0, progress=args.progress) if args.model == "tiny" else load_smollm2()
+        self.base = self.dm.model.to(args.device)
+        tok, bos, self.pad = self.dm.tokenizer, self.dm.bos_id, self.dm.pad_id
+        # Upstream: held-out prose chunks, the first up_test for test, the next up_val validation.
+        up = upstream_chunks(tok, seq_len=args.seq_len, n_chunks=args.up_test + args.up_val, bos_id=bos)
+        self.up_test, self.up_val = up[: args.up_test], up[args.up_test:]
+        self.down_test = cipher_examples(tok, args.down_test, seed=2000, bos_id=bos)
+        self.down_val = cipher_examples(tok, args.down_val, seed=3000, bos_id=bos, exclude=self.down_test)
+        self.held_out = self.down_test + self.down_val
+        self.zero = upstream_metrics(self.base, self.up_test)
+        self.cache = Path(args.cache)
+        self.cache.mkdir(parents=True, exist_ok=True)
+
+    def stats(self, model: torch.nn.Module, layers: int, probe: str, seed: int):
+        """Probe statistics of the last `layers` layers, cached on disk per (probe kind, seed).
+
+        Every decoder layer is probed once and shallower regimes take their layers' entries: a
+        layer's factors do not depend on which other layers are probed (the same prompts, the
+        same draws), so this equals probing `layers=L`, for a fraction of the cost. The probe
+        does not depend on the learning rate either: one per seed serves the whole sweep."""
+        from dowser.probe import ProbeStats
+
+        path = self.cache / (f"stats-{probe}-s{seed}-N{self.args.n_samples}-R{self.args.rademacher}"
+                             f"-T{self.args.probe_len}.safetensors")
+        secs = 0.0
+        if path.exists():
+            stats = ProbeStats.load(path, model)
+        else:
+            kw = dict(n_samples=self.args.n_samples, n_rademacher=self.args.rademacher,
+                      seq_len=self.args.probe_len, seed=seed, progress=self.args.progress)
+            if probe == "real-data":
+                texts = upstream_texts("probe")  # the even stdlib topics: never evaluated on
+                texts = texts[seed * self.args.n_samples:(seed + 1) * self.args.n_samples]
+                if self.dm.probe_tokenizer is None:  # token ids, cut to the probe length
+                    T = self.args.probe_len
+                    ids = [([self.dm.bos_id] + list(self.dm.tokenizer(t)["input_ids"]))[:T] for t in texts]
+                    kw["prompts"] = torch.tensor(ids)
+                else:
+                    kw["prompts"] = texts
+            t0 = time.perf_counter()
+            stats = dowser.probe(model, self.dm.probe_tokenizer, **kw)
+            secs = time.perf_counter() - t0
+            stats.save(path)
+        keep = set(tuned_targets(model, layers)[0])
+        return ProbeStats({n: e for n, e in stats.items() if n in keep}, dict(stats.metadata)), secs
+
+    def run(self, config: str, layers: int, lr: float, seed: int) -> dict:
+        method, rho, probe, _ = CONFIGS[config]
+        a = self.args
+        torch.manual_seed(seed)
+        model = copy.deepcopy(self.base)
+        modules, params = tuned_targets(model, layers)
+        row = {"config": config, "method": method, "rho": "" if rho is None else rho, "probe": probe,
+               "layers": layers, "lr": f"{lr:.0e}", "seed": seed, "probe_s": 0.0}
+        masks = before = None
+        if method == "full":
+            freeze_outside(model, params)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                    weight_decay=0.0)
+        elif method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            freeze_outside(model, [])
+            before = {m + ".weight": model.get_parameter(m + ".weight").detach().clone() for m in modules}
+            cfg = LoraConfig(r=a.lora_rank, lora_alpha=2 * a.lora_rank, lora_dropout=0.0,
+                             target_modules=modules, bias="none")
+            model = get_peft_model(model, cfg)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                    weight_decay=0.0)
+        else:
+            stats = None
+            if probe:
+                stats, row["probe_s"] = self.stats(model, layers, probe, seed)
+            masks = make_masks(model, stats, rho, method, seed, modules)
+            row["mask_method"] = masks.metadata.get("method", method)
+            freeze_outside(model, params)
+            before = {n: model.get_parameter(n).detach().clone() for n in masks}
+            opt = dowser.MaskedAdamW([p for p in model.parameters() if p.requires_grad], masks,
+                                     model=model, lr=lr, weight_decay=0.0)
+        row["trainable"] = trainable_count(model, masks)
+        train_ex = cipher_examples(self.dm.tokenizer, 512, seed=1000 + seed, bos_id=self.dm.bos_id,
+                                   exclude=self.held_out)
+        curve, eval_s = [], [0.0]
+
+        def checkpoint(step: int) -> None:
+            t0 = time.perf_counter()
+            curve.append(task_accuracy(model, self.down_test, self.pad)["exact_match"])
+            eval_s[0] += time.perf_counter() - t0
+
+        checkpoints = list(range(a.every, a.steps + 1, a.every))
+        t0 = time.perf_counter()
+        losses = train(model, train_ex, opt, steps=a.steps, batch_size=a.batch, pad_id=self.pad,
+                       seed=seed, progress=a.progress, desc=f"{config} L{layers} lr={lr:.0e} s{seed}",
+                       checkpoints=checkpoints, on_checkpoint=checkpoint)
+        train_s = time.perf_counter() - t0 - eval_s[0]
+        t0 = time.perf_counter()
+        res = evaluate(model, self.up_test, self.down_test, self.pad)
+        val_up = upstream_metrics(model, self.up_val)["acc"]
+        val_down = task_accuracy(model, self.down_val, self.pad)["exact_match"]
+        eval_s[0] += time.perf_counter() - t0
+        row.update(res)
+        row.update({"dA_up": res["A_up"] - self.zero["acc"], "dCE_up": res["CE_up"] - self.zero["ce"],
+                    "A_down_curve": " ".join(f"{v:.4f}" for v in curve), "val_A_up": val_up,
+                    "val_A_down": val_down, "val_H": hscore(val_up, val_down),
+                    "loss_end": statistics.mean(losses[-4:]), "train_s": round(train_s, 1),
+                    "step_s": round(train_s / max(1, a.steps), 3), "eval_s": round(eval_s[0], 1)})
+        if before is not None:
+            row["frozen_changed"] = frozen_changed(model, before, masks)
+        return row
+
+    def zero_shot_row(self) -> dict:
+        t0 = time.perf_counter()
+        res = evaluate(self.base, self.up_test, self.down_test, self.pad)
+        val_up = upstream_metrics(self.base, self.up_val)["acc"]
+        val_down = task_accuracy(self.base, self.down_val, self.pad)["exact_match"]
+        return {"config": "zero-shot", "method": "zero-shot", "layers": 0, "lr": "", "seed": 0,
+                "trainable": 0, **res, "dA_up": 0.0, "dCE_up": 0.0, "val_A_up": val_up,
+                "val_A_down": val_down, "val_H": hscore(val_up, val_down),
+                "eval_s": round(time.perf_counter() - t0, 1)}
+
+
+def make_masks(model: torch.nn.Module, stats, rho: float, method: str, seed: int, modules: list[str]):
+    """dowser.build_masks(method=...): one exact-k selection for every scoring rule (random and
+    magnitude need no probe: their targets are the tuned layers' linear modules)."""
+    if stats is None:
+        return dowser.build_masks(model, None, rho=rho, method=method, seed=seed, targets=modules)
+    return dowser.build_masks(model, stats, rho=rho, method=method, seed=seed)
+
+
+def trainable_count(model: torch.nn.Module, masks) -> int:
+    """Entries that can change: LoRA/full FT count requires_grad parameters; a mask counts its
+    set bits plus the dense 1-D parameters of the tuned layers."""
+    from dowser.ops import popcount
+
+    total = 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        total += popcount(masks[name]) if masks is not None and name in masks else p.numel()
+    return total
+
+
+def frozen_changed(model: torch.nn.Module, before: dict[str, torch.Tensor], masks) -> int:
+    """Entries that must not have moved and did: frozen mask entries, or (LoRA) base weights."""
     changed = 0
-    for name, packed in masks.items():
-        frozen = ~dowser.ops.unpack_mask(packed.cpu(), before[name].shape)
-        changed += int((model.get_parameter(name).detach().cpu() != before[name])[frozen].sum())
+    params = dict(model.named_parameters())
+    for name, old in before.items():
+        now = params.get(name)
+        if now is None:  # PEFT renames a wrapped layer's weight to ...base_layer.weight
+            now = params["base_model.model." + name.replace(".weight", ".base_layer.weight")]
+        diff = now.detach() != old
+        if masks is not None:
+            diff &= ~dowser.ops.unpack_mask(masks[name], old.shape).to(diff.device)
+        changed += int(diff.sum())
     return changed
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--rhos", type=float, nargs="+", default=[0.1, 0.5])
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=150, help="fine-tuning steps per run (batch 8)")
-    ap.add_argument("--lr-full", type=float, default=2e-4)
-    ap.add_argument("--lr-sparse", type=float, default=2e-4)
-    ap.add_argument("--n-samples", type=int, default=16, help="data-free probe prompts")
-    ap.add_argument("--extra", action="store_true", help="+ real-data probe and all-layer runs at rho=0.5")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--resume", action="store_true", help="skip runs already in the runs CSV")
-    args = ap.parse_args()
+# ----------------------------------------------------------------------------- report
 
-    runs = _runs_path(args.device)
-    if not args.resume and runs.exists():
-        runs.unlink()
-    done = _done(runs)
-    dm = load_smollm2()
-    base = dm.model.to(args.device)
-    up = upstream_chunks(dm.tokenizer, seq_len=128, n_chunks=24, bos_id=dm.bos_id)
-    test_ex = cipher_examples(dm.tokenizer, 96, seed=99_999, bos_id=dm.bos_id)
-    n_layers = len(decoder_layers(base)[1])
-
-    def record(method, rho, layers, seed, probe, model, masks=None, before=None, train_s=0.0):
-        row = {"method": method, "rho": rho, "layers": layers, "seed": seed, "probe": probe,
-               "train_s": round(train_s, 1), **evaluate(model, up, test_ex, dm.pad_id)}
-        if masks is not None:
-            row["frozen_changed"] = _frozen_changed(model, before, masks)
-        _append(runs, row)
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-
-    def key(method, rho, layers, seed, probe):
-        return (method, str(rho), str(layers), str(seed), probe)
-
-    if key("zero-shot", "", "", "", "") not in done:
-        record("zero-shot", "", "", "", "", base)
-
-    configs = [(args.layers, "data-free")]
-    if args.extra:
-        configs += [(args.layers, "real-data"), (n_layers, "data-free")]
-    for seed in args.seeds:
-        train_ex = cipher_examples(dm.tokenizer, 512, seed=1000 + seed, bos_id=dm.bos_id)
-
-        def fit(model, opt):
-            t0 = time.perf_counter()
-            train(model, train_ex, opt, steps=args.steps, batch_size=8, pad_id=dm.pad_id, seed=seed,
-                  progress=True, desc="fine-tune")
-            return time.perf_counter() - t0
-
-        if key("full FT", "", args.layers, seed, "") not in done:
-            model = copy.deepcopy(base)
-            freeze_outside(model, last_layer_params(model, args.layers))
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                    lr=args.lr_full, weight_decay=0.0)
-            record("full FT", "", args.layers, seed, "", model, train_s=fit(model, opt))
-        for layers, probe_kind in configs:
-            rhos = args.rhos if (layers, probe_kind) == (args.layers, "data-free") else [0.5]
-            probe_kw = {}
-            if probe_kind == "real-data":
-                probe_kw = {"prompts": upstream_texts("probe")[: args.n_samples]}
-            stats = None
-            for rho in rhos:
-                for method in ("random", "dowser"):
-                    if probe_kind != "data-free" or layers != args.layers:
-                        if method == "random":
-                            continue
-                    if key(method, rho, layers, seed, probe_kind) in done:
-                        continue
-                    model = copy.deepcopy(base)
-                    if stats is None:
-                        stats = dowser.probe(model, dm.tokenizer, layers=layers, n_samples=args.n_samples,
-                                             seed=seed, **probe_kw)
-                    masks = dowser.build_masks(model, stats, rho=rho, method=method, seed=seed)
-                    freeze_outside(model, last_layer_params(model, layers))
-                    before = {n: model.get_parameter(n).detach().cpu().clone() for n in masks}
-                    opt = dowser.MaskedAdamW([p for p in model.parameters() if p.requires_grad], masks,
-                                             model=model, lr=args.lr_sparse, weight_decay=0.0)
-                    record(method, rho, layers, seed, probe_kind, model, masks, before, fit(model, opt))
-    summarise(runs, args)
-
-
-def _mean_std(values: list[float]) -> str:
+def _ms(values: list[float], digits: int = 3) -> str:
     if not values:
         return ""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
-def summarise(runs: Path, args) -> None:
-    with open(runs) as fh:
-        rows = list(csv.DictReader(fh))
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["rho"], r["layers"], r["probe"]), []).append(r)
-    table = []
-    for (method, rho, layers, probe), rs in groups.items():
-        table.append({"method": method, "rho": rho, "layers": layers, "probe": probe, "n": len(rs),
-                      **{m: _mean_std([float(r[m]) for r in rs]) for m in ("A_up", "A_down", "Avg", "H")}})
-    notes = [f"SmolLM2-135M-Instruct, last {args.layers} layers tuned, {args.steps} steps of batch 8, "
-             f"lr {args.lr_full} (full) / {args.lr_sparse} (masked), data-free probe N={args.n_samples}, "
-             "R=8. mean ± std over seeds."]
+def report(path: Path, args: argparse.Namespace) -> None:
+    rows = read_rows(path)
+    if not rows:
+        print(f"no runs in {path} yet")
+        return
+    zero = [r for r in rows if r["config"] == "zero-shot"]
+    runs = [r for r in rows if r["config"] != "zero-shot"]
+    _, total = grid([], args.depths, args.seeds, args.third_seed, list(CONFIGS))
+    required = {run_key(c, L, lr, s) for (c, L, lr, s) in grid([], args.depths, args.seeds, None, list(CONFIGS))[0]}
+    done_sweep = len(required & {row_key(r) for r in runs})
+    done_third = 0
+    table, best = [], {}
+    for layers in args.depths:
+        for c in CONFIGS:
+            b = best_lr(runs, c, layers, args.seeds)
+            picked = [r for r in runs if r["config"] == c and int(r["layers"]) == layers
+                      and b is not None and math.isclose(float(r["lr"]), b)]
+            if b is None:  # sweep incomplete: report the best lr among the runs there are
+                have = [r for r in runs if r["config"] == c and int(r["layers"]) == layers]
+                if not have:
+                    continue
+                by_lr: dict[float, list[float]] = {}
+                for r in have:
+                    by_lr.setdefault(float(r["lr"]), []).append(float(r["val_H"]))
+                b = max(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
+                picked = [r for r in have if math.isclose(float(r["lr"]), b)]
+                note = "sweep incomplete"
+            else:
+                note = ""
+                done_third += sum(1 for r in picked if int(r["seed"]) == args.third_seed)
+            best[(c, layers)] = picked
+            get = lambda m: [float(r[m]) for r in picked]  # noqa: E731
+            table.append({"layers": layers, "method": c, "best lr": f"{b:.0e}", "n": len(picked),
+                          "trainable": picked[0]["trainable"], "A_up": _ms(get("A_up")),
+                          "dCE_up": _ms(get("dCE_up")), "A_down": _ms(get("A_down")),
+                          "Avg": _ms(get("Avg")), "H": _ms(get("H")), "note": note})
+    lines = [f"# forgetting study ({MODEL_NAMES[args.model]})", ""]
+    lines += [f"- {k}: {v}" for k, v in environment(args.device).items()]
+    lines += [f"- runs CSV: `{path.relative_to(RESULTS.parent.parent)}`; grid done: "
+              f"{done_sweep + done_third} of {total} required runs "
+              f"({done_sweep} of {len(required)} sweep runs, {done_third} of {total - len(required)} 3rd-seed runs)",
+              f"- made by: `python bench/forgetting.py --resume` (then `--report`)", ""]
+    if zero:
+        z = zero[0]
+        lines += [f"zero-shot: A_up {float(z['A_up']):.4f}, CE_up {float(z['CE_up']):.4f} nats, "
+                  f"A_down {float(z['A_down']):.4f} (val A_up {float(z['val_A_up']):.4f}, "
+                  f"val A_down {float(z['val_A_down']):.4f})", ""]
+    lines += ["Each method at its best learning rate (highest mean validation H over seeds "
+              f"{', '.join(map(str, args.seeds))}); mean ± std over the seeds run at that lr (test sets). "
+              "dCE_up: increase of held-out cross-entropy over zero-shot (nats/token; forgetting). "
+              "trainable: entries that can change (mask bits + dense norms; LoRA adapter weights).", ""]
+    if table:
+        cols = list(table[0])
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(str(t[c]) for c in cols) + " |" for t in table]
+    else:
+        lines += ["(no fine-tuning run finished yet)"]
+    lines += ["", "## t-tests (headline regime, rho = 0.5, best lr each, Welch)", ""]
+    lines += ttests(best, args.depths[0])
+    lines += ["", "## every run (mean over seeds per lr)", ""]
+    lines += sweep_table(runs)
+    md = RESULTS / f"forgetting{args.tag}-{'cpu' if args.device == 'cpu' else 'gpu'}.md"
+    md.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print("wrote", md)
+    png = plot(runs, zero, args)
+    if not args.tag:
+        embed_in_docs(lines[2:], md, png)
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "study.md"
+BEGIN, END = "<!-- results:begin (bench/forgetting.py --report) -->", "<!-- results:end -->"
+
+
+def embed_in_docs(lines: list[str], md: Path, png: Path | None) -> None:
+    """Replace the results block of docs/study.md with the report just written, so the page
+    always shows what the files say."""
+    if not DOCS.exists():
+        return
+    text = DOCS.read_text()
+    if BEGIN not in text or END not in text:
+        return
+    rel = lambda p: os.path.relpath(p, DOCS.parent)  # noqa: E731
+    body = [f"From `{rel(md)}` (regenerated by `python bench/forgetting.py --report`):", ""] + \
+        [ln.replace("## ", "#### ") for ln in lines]
+    if png is not None:
+        body += ["", f"![Pareto plot]({rel(png)})"]
+    head, rest = text.split(BEGIN, 1)
+    DOCS.write_text(head + BEGIN + "\n" + "\n".join(body) + "\n" + END + rest.split(END, 1)[1])
+    print("updated", DOCS)
+
+
+def ttests(best: dict, layers: int) -> list[str]:
     try:
         from scipy.stats import ttest_ind
-
-        for metric in ("A_up", "H"):
-            d = [float(r[metric]) for r in rows if r["method"] == "dowser" and r["rho"] == "0.5"
-                 and r["probe"] == "data-free" and r["layers"] == str(args.layers)]
-            rnd = [float(r[metric]) for r in rows if r["method"] == "random" and r["rho"] == "0.5"]
-            if len(d) > 1 and len(rnd) > 1:
-                t = ttest_ind(d, rnd)
-                notes.append(f"t-test dowser vs random at rho=0.5 on {metric}: t={t.statistic:.3f}, "
-                             f"p={t.pvalue:.4f} (n={len(d)}, {len(rnd)})")
     except ImportError:
-        notes.append("scipy not installed: no t-test")
-    write_results("forgetting", table, args.device, notes="\n\n".join(notes))
-    _plot(rows, args)
+        return ["scipy is not installed (pip install scipy): no t-tests"]
+    out = ["| dowser | vs | metric | dowser | other | t | p | n |", "|---|---|---|---|---|---|---|---|"]
+    for mine in ("dowser df 0.5", "dowser rd 0.5"):
+        for other in ("random 0.5", "magnitude 0.5", "LoRA"):
+            a, b = best.get((mine, layers), []), best.get((other, layers), [])
+            for metric in ("H", "A_up", "A_down", "dCE_up"):
+                x, y = [float(r[metric]) for r in a], [float(r[metric]) for r in b]
+                if len(x) < 2 or len(y) < 2:
+                    continue
+                if statistics.pvariance(x) == 0 and statistics.pvariance(y) == 0:
+                    continue  # no spread on either side: no t statistic
+                t = ttest_ind(x, y, equal_var=False)
+                out.append(f"| {mine} | {other} | {metric} | {statistics.mean(x):.4f} | "
+                           f"{statistics.mean(y):.4f} | {t.statistic:.2f} | {t.pvalue:.3f} | {len(x)}, {len(y)} |")
+    return out if len(out) > 2 else ["not enough seeds yet (need 2 per side at the best lr)"]
 
 
-def _plot(rows: list[dict], args) -> None:
+def sweep_table(runs: list[dict]) -> list[str]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((int(r["layers"]), r["config"], float(r["lr"])), []).append(r)
+    out = ["| layers | method | lr | n | A_up | dCE_up | A_down curve (test, per checkpoint) | val H | step s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for (layers, c, lr), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], list(CONFIGS).index(kv[0][1]), kv[0][2])):
+        curves = [[float(v) for v in r["A_down_curve"].split()] for r in rs if r["A_down_curve"]]
+        mean_curve = " ".join(f"{statistics.mean(col):.2f}" for col in zip(*curves)) if curves else ""
+        out.append(f"| {layers} | {c} | {lr:.0e} | {len(rs)} | {statistics.mean(float(r['A_up']) for r in rs):.4f} | "
+                   f"{statistics.mean(float(r['dCE_up']) for r in rs):.4f} | {mean_curve} | "
+                   f"{statistics.mean(float(r['val_H']) for r in rs):.3f} | "
+                   f"{statistics.mean(float(r['step_s']) for r in rs):.2f} |")
+    return out
+
+
+def plot(runs: list[dict], zero: list[dict], args: argparse.Namespace) -> Path | None:
     plt = pyplot()
     if plt is None:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    ax = axes[0]
-    for method, color in (("random", "tab:gray"), ("dowser", "tab:blue")):
-        rhos = sorted({float(r["rho"]) for r in rows if r["method"] == method and r["probe"] == "data-free"
-                       and r["layers"] == str(args.layers)})
-        means = [statistics.mean(float(r["A_up"]) for r in rows if r["method"] == method
-                                 and r["rho"] and float(r["rho"]) == rho and r["probe"] == "data-free"
-                                 and r["layers"] == str(args.layers))
-                 for rho in rhos]
-        ax.plot(rhos, means, "o-", color=color, label=method)
-    for method, style in (("zero-shot", "--"), ("full FT", ":")):
-        vals = [float(r["A_up"]) for r in rows if r["method"] == method]
-        if vals:
-            ax.axhline(statistics.mean(vals), linestyle=style, color="k", label=method)
-    ax.set_xlabel("rho (trainable fraction)")
-    ax.set_ylabel("A_up (held-out next-token accuracy)")
-    ax.set_title(f"upstream accuracy vs rho (last {args.layers} layers)")
-    ax.legend()
-    ax = axes[1]
-    depth = {}
-    for r in rows:
-        if r["method"] == "dowser" and r["rho"] == "0.5" and r["probe"] == "data-free":
-            depth.setdefault(int(r["layers"]), []).append(float(r["A_up"]))
-    if depth:
-        xs = sorted(depth)
-        ax.plot(xs, [statistics.mean(depth[x]) for x in xs], "o-", color="tab:blue", label="dowser rho=0.5")
-    ax.set_xlabel("tuned layers (depth)")
-    ax.set_ylabel("A_up")
-    ax.set_title("upstream accuracy vs depth")
-    ax.legend()
+        print("matplotlib not installed: no plot")
+        return None
+    fig, axes = plt.subplots(2, len(args.depths), figsize=(6.5 * len(args.depths), 9), squeeze=False,
+                             gridspec_kw={"height_ratios": [5, 3]})
+    for ax, layers in zip(axes[1], args.depths):
+        # A_down along training at each method's best lr so far (by validation H)
+        for c in CONFIGS:
+            rs = [r for r in runs if r["config"] == c and int(r["layers"]) == layers and r["A_down_curve"]]
+            if not rs:
+                continue
+            by_lr: dict[float, list[dict]] = {}
+            for r in rs:
+                by_lr.setdefault(float(r["lr"]), []).append(r)
+            lr = max(by_lr, key=lambda v: statistics.mean(float(r["val_H"]) for r in by_lr[v]))
+            curves = [[float(v) for v in r["A_down_curve"].split()] for r in by_lr[lr]]
+            ys = [statistics.mean(col) for col in zip(*curves)]
+            xs = [args.every * (i + 1) for i in range(len(ys))]
+            ax.plot(xs, ys, "o-", color=COLORS[c], label=f"{c} ({lr:.0e})", alpha=0.85)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("A_down (test)")
+        ax.set_title(f"A_down along training, best lr by validation ({layers} layers)", fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6)
+    for ax, layers in zip(axes[0], args.depths):
+        for c in CONFIGS:
+            pts = []
+            for lr in CONFIGS[c][3]:
+                rs = [r for r in runs if r["config"] == c and int(r["layers"]) == layers
+                      and math.isclose(float(r["lr"]), lr)]
+                if rs:
+                    pts.append((statistics.mean(float(r["A_down"]) for r in rs),
+                                statistics.mean(float(r["A_up"]) for r in rs), lr))
+            if not pts:
+                continue
+            style = "s--" if c.startswith("random") or c in ("magnitude 0.5", "wanda 0.5") else "o-"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=COLORS[c], label=c, alpha=0.85)
+            for x, y, lr in pts:
+                ax.annotate(f"{lr:.0e}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        if zero:
+            ax.axhline(float(zero[0]["A_up"]), linestyle=":", color="k", label="zero-shot A_up")
+        ax.set_xlim(-0.03, 1.03)  # the whole learning axis, so depths and sessions compare
+        ax.set_xlabel("A_down (cipher exact match, test)")
+        ax.set_ylabel("A_up (held-out next-token accuracy)")
+        ax.set_title(f"{'all ' if layers == args.depths[0] else 'last '}{layers} layers tuned, {args.steps} steps")
+        ax.grid(alpha=0.3)
+    if axes[0][0].lines:
+        axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"{MODEL_NAMES[args.model]}: learning vs forgetting, one point per learning rate (mean over seeds)")
     fig.tight_layout()
-    out = RESULTS / f"forgetting-{'cpu' if args.device == 'cpu' else 'gpu'}.png"
+    out = RESULTS / f"forgetting{args.tag}-{'cpu' if args.device == 'cpu' else 'gpu'}.png"
     fig.savefig(out, dpi=120)
+    plt.close(fig)
     print("wrote", out)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depths", type=int, nargs="+", default=[30, 8], help="tuned layers per regime, headline first")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the lr sweep")
+    ap.add_argument("--third-seed", type=int, default=2, help="extra seed at each method's best lr")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="CONFIG")
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--every", type=int, default=8, help="A_down checkpoint interval (steps)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lora-rank", type=int, default=32)
+    ap.add_argument("--n-samples", type=int, default=16, help="probe prompts")
+    ap.add_argument("--rademacher", type=int, default=4)
+    ap.add_argument("--probe-len", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=64, help="upstream chunk length")
+    ap.add_argument("--up-test", type=int, default=8)
+    ap.add_argument("--up-val", type=int, default=4)
+    ap.add_argument("--down-test", type=int, default=40)
+    ap.add_argument("--down-val", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cache", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                                                    "dowser-forgetting"), help="probe statistics cache")
+    ap.add_argument("--resume", action="store_true", help="keep the runs CSV and skip runs already in it")
+    ap.add_argument("--report", action="store_true", help="only rebuild table, t-tests and plot from the CSV")
+    ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
+                    help="tiny: the built-in 4-layer model (use --depths 4 2 --tag=-tiny)")
+    ap.add_argument("--lr-scale", type=float, default=1.0, help="multiply every lr of the grid")
+    ap.add_argument("--tag", default="", help="infix of the output names (e.g. -smoke)")
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.lr_scale != 1.0:
+        for c, (m, rho, probe, lrs) in list(CONFIGS.items()):
+            CONFIGS[c] = (m, rho, probe, tuple(float(f"{lr * args.lr_scale:.0e}") for lr in lrs))
+    path = runs_path(args.device, args.tag)
+    if args.report:
+        report(path, args)
+        return
+    if not args.resume and path.exists():
+        raise SystemExit(f"{path} exists: pass --resume to continue it (or delete it to start over)")
+    study = Study(args)
+    rows = read_rows(path)
+    if not any(r["config"] == "zero-shot" for r in rows):
+        append_row(path, study.zero_shot_row())
+    todo, total = grid(rows, args.depths, args.seeds, args.third_seed, args.configs)
+    new = 0
+    for config, layers, lr, seed in todo:
+        rows = read_rows(path)
+        if lr is None:
+            lr = best_lr(rows, config, layers, args.seeds)
+            if lr is None or run_key(config, layers, lr, seed) in {row_key(r) for r in rows}:
+                continue
+        if args.max_runs is not None and new >= args.max_runs:
+            break
+        t0 = time.perf_counter()
+        row = study.run(config, layers, lr, seed)
+        append_row(path, row)
+        new += 1
+        print(f"[{len(read_rows(path)) - 1}/{total}] {config} L{layers} lr={lr:.0e} seed={seed}: "
+              f"A_up {row['A_up']:.4f} dCE {row['dCE_up']:+.4f} A_down {row['A_down']:.3f} "
+              f"curve [{row['A_down_curve']}] val_H {row['val_H']:.3f} "
+              f"({time.perf_counter() - t0:.0f} s, {row['step_s']:.2f} s/step)", flush=True)
+    report(path, args)
 
 
 if __name__ == "__main__":

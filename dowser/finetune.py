@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import inspect
 import random
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dowser.optim import MaskedAdamW
-from dowser.tasks import Example, collate, next_token_accuracy, task_accuracy
+from dowser.tasks import Example, collate, task_accuracy, upstream_metrics
 
 
 def hscore(a_up: float, a_down: float) -> float:
@@ -21,18 +21,21 @@ def hscore(a_up: float, a_down: float) -> float:
 
 
 def evaluate(model: torch.nn.Module, up_chunks: torch.Tensor, down_examples: Sequence[Example],
-             pad_id: int) -> dict[str, float]:
-    """A_up (next-token accuracy on held-out text), A_down (exact match), Avg and H-score."""
-    a_up = next_token_accuracy(model, up_chunks)
-    down = task_accuracy(model, down_examples, pad_id)
-    a_down = down["exact_match"]
-    return {"A_up": a_up, "A_down": a_down, "down_token_acc": down["token_acc"],
+             pad_id: int, progress: bool = False) -> dict[str, float]:
+    """A_up (next-token accuracy on held-out text), CE_up (its cross-entropy, nats/token),
+    A_down (exact match), down_token_acc, Avg and H-score."""
+    up = upstream_metrics(model, up_chunks, progress=progress)
+    down = task_accuracy(model, down_examples, pad_id, progress=progress)
+    a_up, a_down = up["acc"], down["exact_match"]
+    return {"A_up": a_up, "CE_up": up["ce"], "A_down": a_down, "down_token_acc": down["token_acc"],
             "Avg": (a_up + a_down) / 2, "H": hscore(a_up, a_down)}
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    # a PEFT wrapper's forward passes **kwargs through to the model it wraps
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -62,16 +65,26 @@ def answer_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> to
 
 def train(model: torch.nn.Module, examples: Sequence[Example], optimizer: torch.optim.Optimizer,
           *, steps: int, batch_size: int, pad_id: int, seed: int = 0, grad_clip: float | None = 1.0,
-          progress: bool = True, desc: str = "fine-tune") -> list[float]:
-    """Train on answer-token cross-entropy for `steps` steps; returns the loss per step."""
+          progress: bool = True, desc: str = "fine-tune", checkpoints: Sequence[int] = (),
+          on_checkpoint: Callable[[int], None] | None = None) -> list[float]:
+    """Train on answer-token cross-entropy for `steps` steps; returns the loss per step.
+
+    Batches are drawn from `examples` by a generator seeded with `seed` (the same batches for
+    every method at one seed). After step s for each s in `checkpoints`, `on_checkpoint(s)` is
+    called (e.g. to measure A_down along training); its time is not the training's."""
+    if steps < 0 or batch_size < 1 or batch_size > len(examples):
+        raise ValueError(f"need steps >= 0 and 1 <= batch_size <= {len(examples)} examples, "
+                         f"got steps={steps}, batch_size={batch_size}")
     rng = random.Random(seed)
     device = next(model.parameters()).device
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    pool = list(examples)
+    marks = set(checkpoints)
     model.train()
     losses = []
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
-    for _ in bar:
-        batch = collate(rng.sample(list(examples), batch_size), pad_id)
+    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        batch = collate(rng.sample(pool, batch_size), pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         loss = answer_loss(model, batch)
         loss.backward()
@@ -87,6 +100,9 @@ def train(model: torch.nn.Module, examples: Sequence[Example], optimizer: torch.
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if step in marks and on_checkpoint is not None:
+            on_checkpoint(step)
+            model.train()
     model.eval()
     return losses
 

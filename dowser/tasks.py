@@ -86,19 +86,32 @@ def upstream_chunks(tokenizer: Any, seq_len: int = 128, n_chunks: int = 32, spli
 
 
 @torch.no_grad()
-def next_token_accuracy(model: torch.nn.Module, chunks: torch.Tensor, batch_size: int = 8) -> float:
-    """Top-1 next-token accuracy over every position of every chunk."""
+def upstream_metrics(model: torch.nn.Module, chunks: torch.Tensor, batch_size: int = 8,
+                     progress: bool = False) -> dict[str, float]:
+    """Top-1 next-token accuracy ("acc") and mean cross-entropy in nats ("ce") over every
+    position of every chunk: the two upstream (forgetting) measures."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     hits = total = 0
-    for batch in chunks.split(batch_size):
+    nll = 0.0
+    for batch in tqdm(chunks.split(batch_size), desc="eval upstream", disable=not progress, leave=False):
         batch = batch.to(device)
-        logits = model(input_ids=batch).logits[:, :-1]
-        hits += int((logits.argmax(-1) == batch[:, 1:]).sum())
-        total += batch[:, 1:].numel()
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        target = batch[:, 1:]
+        hits += int((logits.argmax(-1) == target).sum())
+        nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(),
+                                                       reduction="sum"))
+        total += target.numel()
     model.train(was_training)
-    return hits / total
+    return {"acc": hits / total, "ce": nll / total}
+
+
+def next_token_accuracy(model: torch.nn.Module, chunks: torch.Tensor, batch_size: int = 8) -> float:
+    """Top-1 next-token accuracy over every position of every chunk."""
+    return upstream_metrics(model, chunks, batch_size)["acc"]
 
 
 @dataclass
@@ -108,15 +121,24 @@ class Example:
 
 
 def cipher_examples(tokenizer: Any, n: int, seed: int, min_digits: int = 3, max_digits: int = 6,
-                    bos_id: int | None = None) -> list[Example]:
-    """`n` digit-cipher examples, reproducible from `seed`."""
+                    bos_id: int | None = None, exclude: Sequence[Example] = ()) -> list[Example]:
+    """`n` distinct digit-cipher examples, reproducible from `seed`, none of whose prompts is
+    in `exclude` (pass the test set to draw a disjoint training or validation set)."""
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
+    seen = {tuple(e.prompt) for e in exclude}
+    out: list[Example] = []
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
         digits = [rng.choice("0123456789") for _ in range(rng.randint(min_digits, max_digits))]
         prompt = ([bos_id] if bos_id is not None else []) + _encode(tokenizer, "cipher: " + " ".join(digits) + " =")
+        if tuple(prompt) in seen:
+            continue
+        seen.add(tuple(prompt))
         answer = _encode(tokenizer, " " + " ".join(CIPHER[d] for d in digits) + "\n")
         out.append(Example(prompt, answer))
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} distinct examples with {min_digits}-{max_digits} digits")
     return out
 
 
@@ -134,24 +156,47 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
+def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the answer positions only: (logits (N, vocab), targets (N,), row of each (N,)).
+
+    The output layer is applied to the N labelled positions rather than to every token (on a
+    49k-token vocabulary it is a fifth of a small model's compute); models without
+    get_decoder()/get_output_embeddings() fall back to the full forward."""
+    target = batch["labels"][:, 1:]
+    valid = target != -100
+    rows = torch.arange(target.shape[0], device=target.device)[:, None].expand_as(target)[valid]
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, ValueError, NotImplementedError):
+        decoder = head = None
+    if decoder is not None and head is not None and decoder is not model:
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = head(hidden[:, :-1][valid])
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][valid]
+    return logits, target[valid], rows
+
+
 @torch.no_grad()
 def task_accuracy(model: torch.nn.Module, examples: Sequence[Example], pad_id: int,
-                  batch_size: int = 16) -> dict[str, float]:
+                  batch_size: int = 16, progress: bool = False) -> dict[str, float]:
     """Teacher-forced token accuracy and exact match on the answer tokens."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     tok_hits = tok_total = exact = 0
-    for start in range(0, len(examples), batch_size):
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc="eval downstream", disable=not progress, leave=False):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        pred = logits[:, :-1].argmax(-1)
-        target = batch["labels"][:, 1:]
-        valid = target != -100
-        correct = (pred == target) & valid
+        logits, target, rows = answer_logits(model, batch)
+        correct = logits.argmax(-1) == target
         tok_hits += int(correct.sum())
-        tok_total += int(valid.sum())
-        exact += int((correct | ~valid).all(dim=1).sum())
+        tok_total += int(target.numel())
+        wrong = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long, device=device)
+        wrong.index_add_(0, rows, (~correct).long())
+        exact += int((wrong == 0).sum())
     model.train(was_training)
     return {"token_acc": tok_hits / tok_total, "exact_match": exact / len(examples)}
 

@@ -3,10 +3,7 @@ bit-packed masks. `bufs` is empty when momentum is 0, else one fp32 momentum buf
 tensor (compact when offsets[i] is given); first[i] = the buffer is fresh. Returns per-tensor
 NaN/Inf counts; nothing is written when any is non-zero.
 
-masters (optional; None entries = none): fp32 master copies of bf16/fp16 parameters, laid out
-exactly like the tensor's optimizer state (compact: k entries in mask order; dense: numel
-entries). The step reads the parameter value from the master, computes in fp32, writes the new
-value to the master and, rounded to the parameter dtype (nearest even), to the parameter.
+masters: as in dowser::masked_adamw_step (fp32 master copies laid out like the momentum buffer).
 """
 
 from __future__ import annotations

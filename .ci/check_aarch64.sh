@@ -37,8 +37,8 @@ for f in "${files[@]}"; do
     -o "$out/$(basename "$f").o"
 done
 # The NEON unit must hold the NEON kernel table, and no x86 unit may leak code into an arm build.
-nm -C "$out/kernels_neon.cpp.o" | grep -q "kernels_neon" || { echo "check_aarch64: kernels_neon missing"; exit 1; }
+nm -C "$out/kernels_neon.cpp.o" > "$out/neon.sym"; grep -q "kernels_neon" "$out/neon.sym" || { echo "check_aarch64: kernels_neon missing"; exit 1; }
 for x in kernels_avx2 kernels_avx512; do
-  if nm "$out/$x.cpp.o" | grep -q .; then echo "check_aarch64: $x.cpp is not empty on aarch64"; exit 1; fi
+  if [ -n "$(nm "$out/$x.cpp.o")" ]; then echo "check_aarch64: $x.cpp is not empty on aarch64"; exit 1; fi
 done
 echo "check_aarch64: ${#files[@]} file(s) compiled for aarch64"

@@ -190,8 +190,11 @@ int64_t build_metas(std::vector<Meta>& metas, const std::vector<torch::Tensor>& 
       TORCH_CHECK(w.scalar_type() == torch::kFloat && w.is_contiguous() && w.device() == p.device(),
                   "masked step: master weights must be contiguous float32 on the param's device");
       const torch::Tensor* like = !s1.empty() ? &s1[i] : nullptr;
-      if (like) TORCH_CHECK(w.numel() == like->numel(), "masked step: master weights must be laid out like the state");
-      else if (!m.offsets) TORCH_CHECK(w.numel() == n, "masked step: dense master weights need one entry per param entry");
+      if (like) {
+        TORCH_CHECK(w.numel() == like->numel(), "masked step: master weights must be laid out like the state");
+      } else if (!m.offsets) {
+        TORCH_CHECK(w.numel() == n, "masked step: dense master weights need one entry per param entry");
+      }
       m.master = ptr_or_zero(w);
     }
     m.s1 = s1.empty() ? 0 : ptr_or_zero(s1[i]);

@@ -220,18 +220,18 @@ def atomic_problems(c: Compiled) -> list[str]:
     return out
 
 
-_TODO: list = []
+_WORK: list = []
 
 
 def _compile_index(i: int) -> Compiled:
-    launch, arch = _TODO[i]
+    launch, arch = _WORK[i]
     return compile_one(launch.kernel, launch, arch)
 
 
 def _compile_all(todo: list, jobs: int) -> list[Compiled]:
     """Compile in `jobs` forked processes (ptxas and the MLIR passes are CPU-bound)."""
-    global _TODO
-    _TODO = todo
+    global _WORK
+    _WORK = todo
     if jobs <= 1 or len(todo) < 2:
         return [_compile_index(i) for i in range(len(todo))]
     import multiprocessing

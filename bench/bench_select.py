@@ -159,12 +159,8 @@ def main() -> None:
              "(CPU: peak RSS in a fresh subprocess; CUDA: max_memory_allocated). "
              "cpu_path: the CPU instruction-set path of the dowser rows (DOWSER_CPU_CAPABILITY; "
              "'previous build': --baseline-so). "
-             f"Load average at the end: {load:.1f} (the CPU host was shared with other jobs).")
-    md = write_results("select", rows, args.device, notes)
-    if args.suffix:  # <name>-<device><suffix>.md/.csv
-        for ext in (".md", ".csv"):
-            md.with_suffix(ext).replace(md.with_name(md.stem + args.suffix + ext))
-        md = md.with_name(md.stem + args.suffix + ".md")
+             f"Load average at the end: {load:.1f}.")
+    md = write_results("select", rows, args.device, notes, suffix=args.suffix)
     _plot(rows, md.with_suffix(".png"))
     print(f"wrote {md}")
 

@@ -43,12 +43,14 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
-def write_results(name: str, rows: list[dict], device: str = "cpu", notes: str = "") -> Path:
-    """Write rows as bench/results/<name>-<device>.csv and .md; returns the markdown path."""
+def write_results(name: str, rows: list[dict], device: str = "cpu", notes: str = "",
+                  suffix: str = "") -> Path:
+    """Write rows as bench/results/<name>-<device><suffix>.csv and .md; returns the markdown path.
+    (A suffix names a variant run, e.g. -xeon-paths, without touching the main result files.)"""
     RESULTS.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     tag = "cpu" if torch.device(device).type == "cpu" else slug(env["device"])
-    stem = RESULTS / f"{name}-{tag}"
+    stem = RESULTS / f"{name}-{tag}{suffix}"
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with open(stem.with_suffix(".csv"), "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)

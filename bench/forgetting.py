@@ -15,8 +15,10 @@ clip 1, no weight decay. Methods (all on the same tuned layers):
   all from `dowser.build_masks(method=...)` through the same exact-k selection, trained with
   dowser.MaskedAdamW (1-D norms of the tuned layers train densely, as in dowser.prepare).
 
-Measured per run: A_down = exact match on 40 held-out cipher prompts after every `--every`
-steps (a learning curve per run); at the end A_up = next-token top-1 accuracy on held-out
+Measured per run: A_down = teacher-forced accuracy on the answer tokens of 40 held-out
+cipher prompts after every `--every` steps (a learning curve per run; exact match of whole
+answers is kept as A_down_exact: it stays 0 until a method has learned the whole cipher, so at
+this budget it cannot tell methods apart); at the end A_up = next-token top-1 accuracy on held-out
 stdlib prose, CE_up its cross-entropy (forgetting = dCE_up, the increase over zero-shot), and
 the same two tasks on a VALIDATION split (24 cipher prompts, 4 prose chunks of 64 tokens,
 disjoint from the test sets). A method's best learning rate is the one with the highest mean validation H-score
@@ -55,7 +57,7 @@ from dowser.tasks import cipher_examples, task_accuracy, upstream_chunks, upstre
 # each method gets a sweep around its own working range; the best one is picked on validation.
 CONFIGS: dict[str, tuple[str, float | None, str, tuple[float, ...]]] = {
     "full FT": ("full", None, "", (3e-5, 1e-4, 3e-4)),
-    "LoRA": ("lora", None, "", (3e-4, 1e-3, 3e-3)),
+    "LoRA": ("lora", None, "", (1e-4, 3e-4, 1e-3)),
     "dowser df 0.5": ("dowser", 0.5, "data-free", (1e-4, 3e-4, 1e-3)),
     "random 0.5": ("random", 0.5, "", (1e-4, 3e-4, 1e-3)),
     "magnitude 0.5": ("magnitude", 0.5, "", (1e-4, 3e-4, 1e-3)),
@@ -69,8 +71,8 @@ COLORS = {"full FT": "black", "LoRA": "tab:purple", "dowser df 0.5": "tab:blue",
           "dowser rd 0.5": "tab:cyan", "dowser df 0.1": "tab:red", "random 0.1": "silver"}
 MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "tiny": "tiny built-in Llama (4 layers)"}
 TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FIELDS = ["config", "method", "rho", "probe", "layers", "lr", "seed", "trainable", "A_up", "CE_up",
-          "dA_up", "dCE_up", "A_down", "down_token_acc", "Avg", "H", "A_down_curve", "val_A_up",
+FIELDS = ["config", "method", "rho", "probe", "layers", "lr", "seed", "steps", "batch", "trainable", "A_up", "CE_up",
+          "dA_up", "dCE_up", "A_down", "A_down_exact", "Avg", "H", "A_down_curve", "val_A_up",
           "val_A_down", "val_H", "loss_end", "train_s", "step_s", "probe_s", "eval_s",
           "frozen_changed", "mask_method"]
 
@@ -179,7 +181,7 @@ class Study:
         does not depend on the learning rate either: one per seed serves the whole sweep."""
         from dowser.probe import ProbeStats
 
-        path = self.cache / (f"stats-{probe}-s{seed}-N{self.args.n_samples}-R{self.args.rademacher}"
+        path = self.cache / (f"stats-{self.args.model}-{probe}-s{seed}-N{self.args.n_samples}-R{self.args.rademacher}"
                              f"-T{self.args.probe_len}.safetensors")
         secs = 0.0
         if path.exists():
@@ -210,7 +212,8 @@ class Study:
         model = copy.deepcopy(self.base)
         modules, params = tuned_targets(model, layers)
         row = {"config": config, "method": method, "rho": "" if rho is None else rho, "probe": probe,
-               "layers": layers, "lr": f"{lr:.0e}", "seed": seed, "probe_s": 0.0}
+               "layers": layers, "lr": f"{lr:.0e}", "seed": seed, "steps": a.steps, "batch": a.batch,
+               "probe_s": 0.0}
         masks = before = None
         if method == "full":
             freeze_outside(model, params)
@@ -243,7 +246,7 @@ class Study:
 
         def checkpoint(step: int) -> None:
             t0 = time.perf_counter()
-            curve.append(task_accuracy(model, self.down_test, self.pad)["exact_match"])
+            curve.append(task_accuracy(model, self.down_test, self.pad)["token_acc"])
             eval_s[0] += time.perf_counter() - t0
 
         checkpoints = list(range(a.every, a.steps + 1, a.every))
@@ -255,7 +258,7 @@ class Study:
         t0 = time.perf_counter()
         res = evaluate(model, self.up_test, self.down_test, self.pad)
         val_up = upstream_metrics(model, self.up_val)["acc"]
-        val_down = task_accuracy(model, self.down_val, self.pad)["exact_match"]
+        val_down = task_accuracy(model, self.down_val, self.pad)["token_acc"]
         eval_s[0] += time.perf_counter() - t0
         row.update(res)
         row.update({"dA_up": res["A_up"] - self.zero["acc"], "dCE_up": res["CE_up"] - self.zero["ce"],
@@ -271,7 +274,7 @@ class Study:
         t0 = time.perf_counter()
         res = evaluate(self.base, self.up_test, self.down_test, self.pad)
         val_up = upstream_metrics(self.base, self.up_val)["acc"]
-        val_down = task_accuracy(self.base, self.down_val, self.pad)["exact_match"]
+        val_down = task_accuracy(self.base, self.down_val, self.pad)["token_acc"]
         return {"config": "zero-shot", "method": "zero-shot", "layers": 0, "lr": "", "seed": 0,
                 "trainable": 0, **res, "dA_up": 0.0, "dCE_up": 0.0, "val_A_up": val_up,
                 "val_A_down": val_down, "val_H": hscore(val_up, val_down),
@@ -358,13 +361,15 @@ def report(path: Path, args: argparse.Namespace) -> None:
             table.append({"layers": layers, "method": c, "best lr": f"{b:.0e}", "n": len(picked),
                           "trainable": picked[0]["trainable"], "A_up": _ms(get("A_up")),
                           "dCE_up": _ms(get("dCE_up")), "A_down": _ms(get("A_down")),
+                          "exact": _ms(get("A_down_exact")), "A_down by checkpoint": _curve(picked),
                           "Avg": _ms(get("Avg")), "H": _ms(get("H")), "note": note})
     lines = [f"# forgetting study ({MODEL_NAMES[args.model]})", ""]
     lines += [f"- {k}: {v}" for k, v in environment(args.device).items()]
     lines += [f"- runs CSV: `{path.relative_to(RESULTS.parent.parent)}`; grid done: "
               f"{done_sweep + done_third} of {total} required runs "
               f"({done_sweep} of {len(required)} sweep runs, {done_third} of {total - len(required)} 3rd-seed runs)",
-              f"- made by: `python bench/forgetting.py --resume` (then `--report`)", ""]
+              f"- command: `python bench/forgetting.py{getattr(args, 'cmd_suffix', '')} --resume`",
+              "- report: `--report` rebuilds this file, the plot and docs/study.md from the CSV", ""]
     if zero:
         z = zero[0]
         lines += [f"zero-shot: A_up {float(z['A_up']):.4f}, CE_up {float(z['CE_up']):.4f} nats, "
@@ -373,15 +378,18 @@ def report(path: Path, args: argparse.Namespace) -> None:
     lines += ["Each method at its best learning rate (highest mean validation H over seeds "
               f"{', '.join(map(str, args.seeds))}); mean ± std over the seeds run at that lr (test sets). "
               "dCE_up: increase of held-out cross-entropy over zero-shot (nats/token; forgetting). "
-              "trainable: entries that can change (mask bits + dense norms; LoRA adapter weights).", ""]
+              "trainable: entries that can change (mask bits + dense norms; LoRA adapter weights). "
+              "A_down: cipher answer-token accuracy (teacher-forced); exact: whole answers right.", ""]
     if table:
         cols = list(table[0])
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(str(t[c]) for c in cols) + " |" for t in table]
     else:
         lines += ["(no fine-tuning run finished yet)"]
-    lines += ["", "## t-tests (headline regime, rho = 0.5, best lr each, Welch)", ""]
-    lines += ttests(best, args.depths[0])
+    for i, layers in enumerate(args.depths):
+        regime = "headline" if i == 0 else "secondary"
+        lines += ["", f"## t-tests ({regime} regime, {layers} layers, rho = 0.5, best lr each, Welch)", ""]
+        lines += ttests(best, layers)
     lines += ["", "## every run (mean over seeds per lr)", ""]
     lines += sweep_table(runs)
     md = RESULTS / f"forgetting{args.tag}-{'cpu' if args.device == 'cpu' else 'gpu'}.md"
@@ -436,6 +444,12 @@ def ttests(best: dict, layers: int) -> list[str]:
     return out if len(out) > 2 else ["not enough seeds yet (need 2 per side at the best lr)"]
 
 
+def _curve(rows: list[dict]) -> str:
+    """Mean A_down at each checkpoint over `rows` (the last is the end of training)."""
+    curves = [[float(v) for v in r["A_down_curve"].split()] for r in rows if r["A_down_curve"]]
+    return " ".join(f"{statistics.mean(col):.2f}" for col in zip(*curves)) if curves else ""
+
+
 def sweep_table(runs: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
@@ -443,8 +457,7 @@ def sweep_table(runs: list[dict]) -> list[str]:
     out = ["| layers | method | lr | n | A_up | dCE_up | A_down curve (test, per checkpoint) | val H | step s |",
            "|---|---|---|---|---|---|---|---|---|"]
     for (layers, c, lr), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], list(CONFIGS).index(kv[0][1]), kv[0][2])):
-        curves = [[float(v) for v in r["A_down_curve"].split()] for r in rs if r["A_down_curve"]]
-        mean_curve = " ".join(f"{statistics.mean(col):.2f}" for col in zip(*curves)) if curves else ""
+        mean_curve = _curve(rs)
         out.append(f"| {layers} | {c} | {lr:.0e} | {len(rs)} | {statistics.mean(float(r['A_up']) for r in rs):.4f} | "
                    f"{statistics.mean(float(r['dCE_up']) for r in rs):.4f} | {mean_curve} | "
                    f"{statistics.mean(float(r['val_H']) for r in rs):.3f} | "
@@ -457,9 +470,9 @@ def plot(runs: list[dict], zero: list[dict], args: argparse.Namespace) -> Path |
     if plt is None:
         print("matplotlib not installed: no plot")
         return None
-    fig, axes = plt.subplots(2, len(args.depths), figsize=(6.5 * len(args.depths), 9), squeeze=False,
-                             gridspec_kw={"height_ratios": [5, 3]})
-    for ax, layers in zip(axes[1], args.depths):
+    fig, axes = plt.subplots(3, len(args.depths), figsize=(6.5 * len(args.depths), 13.5), squeeze=False,
+                             gridspec_kw={"height_ratios": [5, 5, 3]})
+    for ax, layers in zip(axes[2], args.depths):
         # A_down along training at each method's best lr so far (by validation H)
         for c in CONFIGS:
             rs = [r for r in runs if r["config"] == c and int(r["layers"]) == layers and r["A_down_curve"]]
@@ -479,28 +492,9 @@ def plot(runs: list[dict], zero: list[dict], args: argparse.Namespace) -> Path |
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=6)
-    for ax, layers in zip(axes[0], args.depths):
-        for c in CONFIGS:
-            pts = []
-            for lr in CONFIGS[c][3]:
-                rs = [r for r in runs if r["config"] == c and int(r["layers"]) == layers
-                      and math.isclose(float(r["lr"]), lr)]
-                if rs:
-                    pts.append((statistics.mean(float(r["A_down"]) for r in rs),
-                                statistics.mean(float(r["A_up"]) for r in rs), lr))
-            if not pts:
-                continue
-            style = "s--" if c.startswith("random") or c in ("magnitude 0.5", "wanda 0.5") else "o-"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=COLORS[c], label=c, alpha=0.85)
-            for x, y, lr in pts:
-                ax.annotate(f"{lr:.0e}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-        if zero:
-            ax.axhline(float(zero[0]["A_up"]), linestyle=":", color="k", label="zero-shot A_up")
-        ax.set_xlim(-0.03, 1.03)  # the whole learning axis, so depths and sessions compare
-        ax.set_xlabel("A_down (cipher exact match, test)")
-        ax.set_ylabel("A_up (held-out next-token accuracy)")
-        ax.set_title(f"{'all ' if layers == args.depths[0] else 'last '}{layers} layers tuned, {args.steps} steps")
-        ax.grid(alpha=0.3)
+    for row, zoom in ((0, False), (1, True)):
+        for ax, layers in zip(axes[row], args.depths):
+            _pareto(ax, runs, zero, layers, args, zoom)
     if axes[0][0].lines:
         axes[0][0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"{MODEL_NAMES[args.model]}: learning vs forgetting, one point per learning rate (mean over seeds)")
@@ -512,6 +506,45 @@ def plot(runs: list[dict], zero: list[dict], args: argparse.Namespace) -> Path |
     return out
 
 
+def _pareto(ax, runs: list[dict], zero: list[dict], layers: int, args: argparse.Namespace,
+            zoom: bool) -> None:
+    """One regime's learning-forgetting plane: a point per (method, lr), mean over seeds. The
+    zoomed view keeps the corner where methods keep A_up near zero-shot (points below it are
+    drawn on its lower edge as triangles)."""
+    z = float(zero[0]["A_up"]) if zero else None
+    lo = None if (z is None or not zoom) else z - 0.035
+    for c in CONFIGS:
+        pts = []
+        for lr in CONFIGS[c][3]:
+            rs = [r for r in runs if r["config"] == c and int(r["layers"]) == layers
+                  and math.isclose(float(r["lr"]), lr)]
+            if rs:
+                pts.append((statistics.mean(float(r["A_down"]) for r in rs),
+                            statistics.mean(float(r["A_up"]) for r in rs), lr))
+        if not pts:
+            continue
+        style = "s--" if c.startswith("random") or c in ("magnitude 0.5", "wanda 0.5") else "o-"
+        ys = [p[1] if lo is None else max(p[1], lo) for p in pts]
+        ax.plot([p[0] for p in pts], ys, style, color=COLORS[c], label=c, alpha=0.85)
+        for (x, y, lr), yy in zip(pts, ys):
+            if yy != y:  # off the zoomed range: a triangle on the edge, its lr in the full view
+                ax.plot([x], [yy], "v", color=COLORS[c], markersize=8)
+                continue
+            ax.annotate(f"{lr:.0e}", (x, yy), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    if z is not None:
+        ax.axhline(z, linestyle=":", color="k", label="zero-shot A_up")
+    if zoom:
+        ax.set_ylim(lo, z + 0.012)
+        ax.set_xlim(0.2, 1.01)
+    else:
+        ax.set_xlim(-0.03, 1.03)  # the whole learning axis, so depths and sessions compare
+    ax.set_xlabel("A_down (cipher answer-token accuracy, test)")
+    ax.set_ylabel("A_up (held-out next-token accuracy)")
+    where = "all " if layers == args.depths[0] else "last "
+    ax.set_title(f"{where}{layers} layers tuned, {args.steps} steps" + (" (zoom)" if zoom else ""))
+    ax.grid(alpha=0.3)
+
+
 # ----------------------------------------------------------------------------- main
 
 def main() -> None:
@@ -520,15 +553,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the lr sweep")
     ap.add_argument("--third-seed", type=int, default=2, help="extra seed at each method's best lr")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="CONFIG")
-    ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--every", type=int, default=8, help="A_down checkpoint interval (steps)")
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--every", type=int, default=16, help="A_down checkpoint interval (steps)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lora-rank", type=int, default=32)
     ap.add_argument("--n-samples", type=int, default=16, help="probe prompts")
     ap.add_argument("--rademacher", type=int, default=4)
     ap.add_argument("--probe-len", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=64, help="upstream chunk length")
-    ap.add_argument("--up-test", type=int, default=8)
+    ap.add_argument("--up-test", type=int, default=16)
     ap.add_argument("--up-val", type=int, default=4)
     ap.add_argument("--down-test", type=int, default=40)
     ap.add_argument("--down-val", type=int, default=24)
@@ -545,6 +578,9 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="infix of the output names (e.g. -smoke)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args()
+    # the grid's own options, for the report's command line (--resume/--report/progress aside)
+    skip = {"--resume", "--report", "--no-progress"}
+    args.cmd_suffix = "".join(" " + a for a in sys.argv[1:] if a not in skip)
     torch.set_num_threads(args.threads)
     if args.lr_scale != 1.0:
         for c, (m, rho, probe, lrs) in list(CONFIGS.items()):
@@ -555,8 +591,12 @@ def main() -> None:
         return
     if not args.resume and path.exists():
         raise SystemExit(f"{path} exists: pass --resume to continue it (or delete it to start over)")
-    study = Study(args)
     rows = read_rows(path)
+    budgets = {(r.get("steps"), r.get("batch")) for r in rows if r["config"] != "zero-shot"}
+    if budgets - {(str(args.steps), str(args.batch))}:
+        raise SystemExit(f"{path} holds runs of another budget (steps, batch) {sorted(budgets)}, not "
+                         f"({args.steps}, {args.batch}): one CSV is one budget (use --tag for another)")
+    study = Study(args)
     if not any(r["config"] == "zero-shot" for r in rows):
         append_row(path, study.zero_shot_row())
     todo, total = grid(rows, args.depths, args.seeds, args.third_seed, args.configs)

@@ -26,7 +26,7 @@ def _row(study, config, layers, lr, seed, val_h, **kw):
     method, rho, probe, _ = study.CONFIGS[config]
     base = {"config": config, "method": method, "rho": "" if rho is None else rho, "probe": probe,
             "layers": layers, "lr": f"{lr:.0e}", "seed": seed, "trainable": 10, "A_up": 0.3,
-            "CE_up": 3.0, "dA_up": -0.01, "dCE_up": 0.1, "A_down": 0.5, "down_token_acc": 0.8,
+            "CE_up": 3.0, "dA_up": -0.01, "dCE_up": 0.1, "A_down": 0.5, "A_down_exact": 0.2,
             "Avg": 0.4, "H": 0.375, "A_down_curve": "0.1000 0.5000", "val_A_up": 0.3,
             "val_A_down": 0.5, "val_H": val_h, "step_s": 1.0}
     base.update(kw)

@@ -368,7 +368,8 @@ def report(path: Path, args: argparse.Namespace) -> None:
     lines += [f"- runs CSV: `{path.relative_to(RESULTS.parent.parent)}`; grid done: "
               f"{done_sweep + done_third} of {total} required runs "
               f"({done_sweep} of {len(required)} sweep runs, {done_third} of {total - len(required)} 3rd-seed runs)",
-              f"- command: `python bench/forgetting.py{getattr(args, 'cmd_suffix', '')} --resume`",
+              "- command: `python bench/forgetting.py --resume`",
+              f"- budget (from the CSV rows): {_budget(runs)}",
               "- report: `--report` rebuilds this file, the plot and docs/study.md from the CSV", ""]
     if zero:
         z = zero[0]
@@ -442,6 +443,12 @@ def ttests(best: dict, layers: int) -> list[str]:
                 out.append(f"| {mine} | {other} | {metric} | {statistics.mean(x):.4f} | "
                            f"{statistics.mean(y):.4f} | {t.statistic:.2f} | {t.pvalue:.3f} | {len(x)}, {len(y)} |")
     return out if len(out) > 2 else ["not enough seeds yet (need 2 per side at the best lr)"]
+
+
+def _budget(runs: list[dict]) -> str:
+    """The training budget the runs record ("48 steps x batch 8"; "" for none; several: joined)."""
+    seen = sorted({(r.get("steps", ""), r.get("batch", "")) for r in runs if r.get("config") != "zero-shot"})
+    return "; ".join(f"{s} steps x batch {b}" for s, b in seen)
 
 
 def _curve(rows: list[dict]) -> str:
@@ -578,9 +585,6 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="infix of the output names (e.g. -smoke)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args()
-    # the grid's own options, for the report's command line (--resume/--report/progress aside)
-    skip = {"--resume", "--report", "--no-progress"}
-    args.cmd_suffix = "".join(" " + a for a in sys.argv[1:] if a not in skip)
     torch.set_num_threads(args.threads)
     if args.lr_scale != 1.0:
         for c, (m, rho, probe, lrs) in list(CONFIGS.items()):
@@ -592,10 +596,10 @@ def main() -> None:
     if not args.resume and path.exists():
         raise SystemExit(f"{path} exists: pass --resume to continue it (or delete it to start over)")
     rows = read_rows(path)
-    budgets = {(r.get("steps"), r.get("batch")) for r in rows if r["config"] != "zero-shot"}
-    if budgets - {(str(args.steps), str(args.batch))}:
-        raise SystemExit(f"{path} holds runs of another budget (steps, batch) {sorted(budgets)}, not "
-                         f"({args.steps}, {args.batch}): one CSV is one budget (use --tag for another)")
+    wanted = f"{args.steps} steps x batch {args.batch}"
+    if _budget([r for r in rows if r["config"] != "zero-shot"]) not in ("", wanted):
+        raise SystemExit(f"{path} holds runs of another budget ({_budget(rows)}), not {wanted}: "
+                         "one CSV is one budget (use --tag for another)")
     study = Study(args)
     if not any(r["config"] == "zero-shot" for r in rows):
         append_row(path, study.zero_shot_row())

@@ -40,11 +40,7 @@ constexpr int64_t kStride = kSubWords * 32 + 16;  // + slack for full-vector loa
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
-inline uint32_t f2u(float x) {
-  uint32_t u;
-  memcpy(&u, &x, 4);
-  return u;
-}
+inline uint32_t f2u(float x) { return math::float_bits(x); }
 inline float u2f(uint32_t u) {
   float x;
   memcpy(&x, &u, 4);

@@ -57,25 +57,23 @@ DOWSER_HD float sqrt_rn(float a) {
 #endif
 }
 
-// Bitwise NaN/Inf test (exponent all ones): exact under any fast-math flag and vectorisable.
-DOWSER_HD bool nonfinite(float x) {
+// The bits of an fp32 value.
+DOWSER_HD unsigned int float_bits(float x) {
 #ifdef __CUDA_ARCH__
-  const unsigned int u = __float_as_uint(x);
+  return __float_as_uint(x);
 #else
   unsigned int u;
   __builtin_memcpy(&u, &x, 4);
+  return u;
 #endif
-  return (u & 0x7F800000u) == 0x7F800000u;
 }
+
+// Bitwise NaN/Inf test (exponent all ones): exact under any fast-math flag and vectorisable.
+DOWSER_HD bool nonfinite(float x) { return (float_bits(x) & 0x7F800000u) == 0x7F800000u; }
 
 // fp32 -> bf16 bits, round to nearest even as c10::BFloat16 does (NaN stays a quiet NaN).
 DOWSER_HD unsigned short bf16_bits(float x) {
-#ifdef __CUDA_ARCH__
-  const unsigned int u = __float_as_uint(x);
-#else
-  unsigned int u;
-  __builtin_memcpy(&u, &x, 4);
-#endif
+  const unsigned int u = float_bits(x);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
   return static_cast<unsigned short>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }

@@ -38,6 +38,17 @@ def backend_fn(op: str, backend: str, device: str = "cpu"):
     return impl.fn
 
 
+@pytest.fixture
+def use_backend(monkeypatch):
+    """Route torch.ops.dowser.* to one backend (skipping when it is unusable here)."""
+
+    def use(backend: str, device: str = "cpu") -> None:
+        backend_fn("masked_adamw_step", backend, device)
+        monkeypatch.setenv("DOWSER_BACKEND", backend)
+
+    return use
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

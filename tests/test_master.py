@@ -18,15 +18,6 @@ BACKENDS = ["reference", "cpp", "cuda"]
 LOW = [torch.bfloat16, torch.float16]
 
 
-@pytest.fixture
-def use_backend(monkeypatch):
-    def use(backend: str, device: str = "cpu") -> None:
-        backend_fn("masked_adamw_step", backend, device)
-        monkeypatch.setenv("DOWSER_BACKEND", backend)
-
-    return use
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

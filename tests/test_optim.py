@@ -25,17 +25,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 RTOL = {torch.float32: 1e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
-@pytest.fixture
-def use_backend(monkeypatch):
-    """Route torch.ops.dowser.* to one backend (skipping when it is unusable here)."""
-
-    def use(backend: str, device: str = "cpu") -> None:
-        backend_fn("masked_adamw_step", backend, device)
-        monkeypatch.setenv("DOWSER_BACKEND", backend)
-
-    return use
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 

@@ -136,6 +136,28 @@ def test_count_pack_unpack_every_path(cap, dtype):
         assert torch.equal(cap.unpack_mask_cpu(packed, n), keep)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_count_finds_each_single_nonfinite(cap, dtype):
+    """One NaN/Inf at a time, trainable or frozen, at positions across the count pass's layout
+    (interleaved streams of 8-word groups, the words after the last full group, a partial last
+    word, an empty mask word): counted exactly when trainable, never when frozen."""
+    n = 8192 * 2 + 32 * 37 + 13  # two full tasks, a task of 37 words (not a multiple of 8) + 13
+    gen = torch.Generator().manual_seed(7)
+    keep = torch.rand(n, generator=gen) < 0.5
+    keep[32 * 5:32 * 6] = False  # an empty word
+    mask = reference.pack_mask(keep)
+    base = torch.randn(n, generator=gen).to(dtype)
+    positions = [0, 31, 32 * 5 + 3, 255, 256, 2047, 2048, 4100, 8191, 8192, 12345, 16383, 16384,
+                 16384 + 32 * 36 + 5, n - 13, n - 1]
+    for i in positions:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            g = base.clone()
+            g[i] = bad
+            want = int(keep[i])
+            assert cap.count_nonfinite_cpu([g], [mask]).tolist() == [want], (i, bad)
+            assert cap.count_nonfinite_cpu([g], [torch.empty(0, dtype=torch.int32)]).tolist() == [1]
+
+
 def _select_all(mod, ws, ps, as_, k):
     return mod.scores_cpu(ws[0], ps[0], as_[0]), *mod.select_masks_cpu(ws, ps, as_, k)
 

@@ -59,21 +59,22 @@ inline __m128i to16(__m256 x) {
 
 template <int K>
 int64_t gather_pg(const Item& it, const void* param, int64_t a, int64_t e, float* pb, float* gb) {
+  const Src src(it);
   int64_t j = 0;
   const bool pf = prefetch_on();
   for (int64_t w = a; w < e; ++w) {
-    const uint32_t word = word_at(it, w);
+    const uint32_t word = src.word(w);
     const int64_t i = w * 32;
     if (pf) {
       if (param) prefetch_at<K>(param, i);
-      prefetch_at<K>(it.grad, i);
+      prefetch_at<K>(src.grad, i);
     }
     if (!word) continue;
     for (int q = 0; q < 4; ++q) {  // no test for an empty group: that branch mispredicts often
       const uint32_t m = (word >> (8 * q)) & 0xFFu;
       const __m256i idx = lut_index(kLuts.compress[m]);
       if (param) _mm256_storeu_ps(pb + j, _mm256_permutevar8x32_ps(ld8<K>(param, i + 8 * q), idx));
-      _mm256_storeu_ps(gb + j, _mm256_permutevar8x32_ps(ld8<K>(it.grad, i + 8 * q), idx));
+      _mm256_storeu_ps(gb + j, _mm256_permutevar8x32_ps(ld8<K>(src.grad, i + 8 * q), idx));
       j += __builtin_popcount(m);
     }
   }
@@ -81,9 +82,10 @@ int64_t gather_pg(const Item& it, const void* param, int64_t a, int64_t e, float
 }
 
 inline int64_t gather_f32(const Item& it, const float* src, int64_t a, int64_t e, float* buf) {
+  const Src words(it);
   int64_t j = 0;
   for (int64_t w = a; w < e; ++w) {
-    const uint32_t word = word_at(it, w);
+    const uint32_t word = words.word(w);
     if (!word) continue;
     for (int q = 0; q < 4; ++q) {
       const uint32_t m = (word >> (8 * q)) & 0xFFu;
@@ -96,11 +98,12 @@ inline int64_t gather_f32(const Item& it, const float* src, int64_t a, int64_t e
 }
 
 template <int K>
-void scatter(const Item& it, void* dst, int64_t a, int64_t e, const float* buf) {
+int64_t scatter(const Item& it, void* dst, int64_t a, int64_t e, const float* buf) {
+  const Src words(it);
   const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   int64_t j = 0;
   for (int64_t w = a; w < e; ++w) {
-    const uint32_t word = word_at(it, w);
+    const uint32_t word = words.word(w);
     if (!word) continue;
     for (int q = 0; q < 4; ++q) {
       uint32_t m = (word >> (8 * q)) & 0xFFu;
@@ -121,6 +124,7 @@ void scatter(const Item& it, void* dst, int64_t a, int64_t e, const float* buf) 
       }
     }
   }
+  return j;
 }
 
 }  // namespace isa

@@ -35,14 +35,15 @@ inline void st16(void* base, int64_t i, __mmask16 k, __m512 x) {
 
 template <int K>
 int64_t gather_pg(const Item& it, const void* param, int64_t a, int64_t e, float* pb, float* gb) {
+  const Src src(it);
   int64_t j = 0;
   const bool pf = prefetch_on();
   for (int64_t w = a; w < e; ++w) {
-    const uint32_t word = word_at(it, w);
+    const uint32_t word = src.word(w);
     const int64_t i = w * 32;
     if (pf) {
       if (param) prefetch_at<K>(param, i);
-      prefetch_at<K>(it.grad, i);
+      prefetch_at<K>(src.grad, i);
     }
     if (!word) continue;
     const __mmask16 k0 = static_cast<__mmask16>(word), k1 = static_cast<__mmask16>(word >> 16);
@@ -51,17 +52,18 @@ int64_t gather_pg(const Item& it, const void* param, int64_t a, int64_t e, float
       _mm512_storeu_ps(pb + j, _mm512_maskz_compress_ps(k0, ld16<K>(param, i)));
       _mm512_storeu_ps(pb + j + c0, _mm512_maskz_compress_ps(k1, ld16<K>(param, i + 16)));
     }
-    _mm512_storeu_ps(gb + j, _mm512_maskz_compress_ps(k0, ld16<K>(it.grad, i)));
-    _mm512_storeu_ps(gb + j + c0, _mm512_maskz_compress_ps(k1, ld16<K>(it.grad, i + 16)));
+    _mm512_storeu_ps(gb + j, _mm512_maskz_compress_ps(k0, ld16<K>(src.grad, i)));
+    _mm512_storeu_ps(gb + j + c0, _mm512_maskz_compress_ps(k1, ld16<K>(src.grad, i + 16)));
     j += c0 + __builtin_popcount(k1);
   }
   return j;
 }
 
 inline int64_t gather_f32(const Item& it, const float* src, int64_t a, int64_t e, float* buf) {
+  const Src words(it);
   int64_t j = 0;
   for (int64_t w = a; w < e; ++w) {
-    const uint32_t word = word_at(it, w);
+    const uint32_t word = words.word(w);
     if (!word) continue;
     const int64_t i = w * 32;
     const __mmask16 k0 = static_cast<__mmask16>(word), k1 = static_cast<__mmask16>(word >> 16);
@@ -74,10 +76,11 @@ inline int64_t gather_f32(const Item& it, const float* src, int64_t a, int64_t e
 }
 
 template <int K>
-void scatter(const Item& it, void* dst, int64_t a, int64_t e, const float* buf) {
+int64_t scatter(const Item& it, void* dst, int64_t a, int64_t e, const float* buf) {
+  const Src words(it);
   int64_t j = 0;
   for (int64_t w = a; w < e; ++w) {
-    const uint32_t word = word_at(it, w);
+    const uint32_t word = words.word(w);
     if (!word) continue;
     const int64_t i = w * 32;
     const __mmask16 k0 = static_cast<__mmask16>(word), k1 = static_cast<__mmask16>(word >> 16);
@@ -86,6 +89,7 @@ void scatter(const Item& it, void* dst, int64_t a, int64_t e, const float* buf) 
     st16<K>(dst, i + 16, k1, _mm512_maskz_expand_ps(k1, _mm512_loadu_ps(buf + j + c0)));
     j += c0 + __builtin_popcount(k1);
   }
+  return j;
 }
 
 }  // namespace isa

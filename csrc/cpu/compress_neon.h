@@ -38,15 +38,16 @@ inline float32x4_t compress4(float32x4_t x, uint32_t m) {
 
 template <int K>
 int64_t gather_pg(const Item& it, const void* param, int64_t a, int64_t e, float* pb, float* gb) {
+  const Src src(it);
   int64_t j = 0;
   for (int64_t w = a; w < e; ++w) {
-    const uint32_t word = word_at(it, w);
+    const uint32_t word = src.word(w);
     for (int q = 0; q < 8 && word; ++q) {
       const uint32_t m = (word >> (4 * q)) & 0xFu;
       if (!m) continue;
       const int64_t i = w * 32 + 4 * q;
       if (param) vst1q_f32(pb + j, compress4(ld4<K>(param, i), m));
-      vst1q_f32(gb + j, compress4(ld4<K>(it.grad, i), m));
+      vst1q_f32(gb + j, compress4(ld4<K>(src.grad, i), m));
       j += __builtin_popcount(m);
     }
   }
@@ -54,9 +55,10 @@ int64_t gather_pg(const Item& it, const void* param, int64_t a, int64_t e, float
 }
 
 inline int64_t gather_f32(const Item& it, const float* src, int64_t a, int64_t e, float* buf) {
+  const Src words(it);
   int64_t j = 0;
   for (int64_t w = a; w < e; ++w) {
-    const uint32_t word = word_at(it, w);
+    const uint32_t word = words.word(w);
     for (int q = 0; q < 8 && word; ++q) {
       const uint32_t m = (word >> (4 * q)) & 0xFu;
       if (!m) continue;

@@ -90,8 +90,8 @@ CONFIGS: list[tuple] = []
 
 
 class _PreviousBuild:
-    """A previous build of dowser._C (--baseline-so) behind today's calling convention: its
-    masked steps take no master-weights argument."""
+    """A previous build of dowser._C (--baseline-so) behind today's calling convention: builds
+    from before fp32 master weights take no masters argument (their doc names no arg14)."""
 
     def __init__(self, path: str):
         import importlib.util
@@ -99,15 +99,16 @@ class _PreviousBuild:
         spec = importlib.util.spec_from_file_location("dowser_previous._C", path)
         self._mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(self._mod)
+        self._masters = "arg14" in (self._mod.masked_adamw_cpu.__doc__ or "")
 
     def __getattr__(self, name):
         return getattr(self._mod, name)
 
     def masked_adamw_cpu(self, *args):
-        return self._mod.masked_adamw_cpu(*args[:14])
+        return self._mod.masked_adamw_cpu(*(args if self._masters else args[:14]))
 
     def masked_sgd_cpu(self, *args):
-        return self._mod.masked_sgd_cpu(*args[:12])
+        return self._mod.masked_sgd_cpu(*(args if self._masters else args[:12]))
 
     def cpu_capability(self) -> str:
         return PREVIOUS

@@ -241,13 +241,18 @@ void scatter_finite(const Item& it, void* dst, int64_t a, int64_t e, const float
 // ---- NaN/Inf count: branch-free over each word's 32 lanes (vectorised) ----------------------
 // NaN/Inf are rare: a vectorised OR over a word's 32 gradients, and only when that finds one,
 // the exact count over the trainable lanes. A word with no trainable entry is not read.
+// Any NaN/Inf among a full word's 32 gradients, trainable or not.
+template <int K>
+inline uint32_t any_bad_word(const void* grad, int64_t w) {
+  uint32_t any = 0;
+  for (int q = 0; q < 32; ++q) any |= bad_bits<K>(grad, w * 32 + q);
+  return any;
+}
+
 template <int K>
 inline int64_t count_bad_word(const Item& it, int64_t w) {
   const uint32_t word = word_at(it, w);
-  if (!word) return 0;
-  uint32_t any = 0;
-  for (int q = 0; q < 32; ++q) any |= bad_bits<K>(it.grad, w * 32 + q);
-  if (!any) return 0;
+  if (!word || !any_bad_word<K>(it.grad, w)) return 0;
   int64_t bad = 0;
   for (uint32_t x = word; x; x &= x - 1) bad += bad_bits<K>(it.grad, w * 32 + __builtin_ctz(x));
   return bad;
@@ -261,13 +266,6 @@ inline int64_t count_bad_word(const Item& it, int64_t w) {
 // trainable lanes) only when that finds one: one branch per 8 words instead of one per word.
 constexpr int64_t kCountStreams = 4;
 constexpr int64_t kCountWords = 2;
-
-template <int K>
-inline uint32_t any_bad_word(const void* grad, int64_t w) {
-  uint32_t any = 0;
-  for (int q = 0; q < 32; ++q) any |= bad_bits<K>(grad, w * 32 + q);
-  return any;
-}
 
 template <int K>
 int64_t count_bad_range(const Item& it, int64_t w0, int64_t w1) {
@@ -287,7 +285,7 @@ int64_t count_bad_range(const Item& it, int64_t w0, int64_t w1) {
   for (int64_t w = w0 + kCountStreams * len; w < full; ++w) bad += count_bad_word<K>(it, w);
   for (int64_t w = full < w0 ? w0 : full; w < w1; ++w) {  // the partial last word
     uint32_t word = word_at(it, w);
-    for (; word; word &= word - 1) bad += bad_bits<K>(it.grad, w * 32 + __builtin_ctz(word));
+    for (; word; word &= word - 1) bad += bad_bits<K>(grad, w * 32 + __builtin_ctz(word));
   }
   return bad;
 }

@@ -71,7 +71,8 @@ def extension_config():
 
 
 def editable_config():
-    """`pip install -e .` that survives a clone folder named `dowser` in the working directory.
+    """`pip install -e .` that survives a clone folder named `dowser` in the working directory,
+    and finds `dowser.kernels` in the clone's kernels/ folder (a folder without __init__.py).
 
     setuptools' editable install maps `dowser` to this checkout with an import finder that it
     appends to sys.meta_path, after the path finder. Run Python from the folder that holds a
@@ -87,8 +88,30 @@ def editable_config():
     if not hasattr(editable_wheel, "_select_strategy"):
         return {}
 
-    first = ("import sys; sys.meta_path.sort(key=lambda f: not getattr(f, '__module__', '')"
+    first = ("import __editable___dowser_kernels_finder, sys; "
+             "sys.meta_path.sort(key=lambda f: not getattr(f, '__module__', '')"
              ".startswith('__editable___dowser_'))\n")
+    # kernels/ has no __init__.py (so it never shadows the `kernels` distribution), and
+    # setuptools' editable finder only maps folders that have one: it would not find the
+    # `dowser.kernels` package itself (its modules it finds). This finder makes it a namespace
+    # package over the clone's kernels/ folder, as the wheel's dowser/kernels/ folder is.
+    kernels_finder = f'''"""Editable install of dowser: `dowser.kernels` is {HERE / "kernels"}."""
+import sys
+from importlib.machinery import ModuleSpec
+
+
+class DowserKernelsFinder:
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        if fullname != "dowser.kernels":
+            return None
+        spec = ModuleSpec(fullname, None, is_package=True)
+        spec.submodule_search_locations = [{str(HERE / "kernels")!r}]
+        return spec
+
+
+sys.meta_path.append(DowserKernelsFinder)
+'''
 
     class FinderFirst:
         def __init__(self, inner):
@@ -97,6 +120,7 @@ def editable_config():
         def __call__(self, wheel, files, mapping):
             self.inner(wheel, files, mapping)
             # .pth files run in name order: this one after setuptools' __editable__.*.pth
+            wheel.writestr("__editable___dowser_kernels_finder.py", kernels_finder.encode())
             wheel.writestr("dowser-editable-first.pth", first.encode())
 
         def __enter__(self):

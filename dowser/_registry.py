@@ -81,7 +81,7 @@ def _cpp_unavailable(symbol: str | None, op: str | None) -> Callable[[str], str 
 
 
 def _triton_unavailable(device: str) -> str | None:
-    from dowser.kernels import triton_unavailable_reason
+    from dowser.kernels._availability import triton_unavailable_reason
 
     return triton_unavailable_reason(device)
 

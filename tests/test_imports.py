@@ -148,3 +148,35 @@ def test_a_clone_folder_named_dowser_does_not_shadow_the_install(tmp_path):
         + (" (editable install made before setup.py's fix: reinstall with "
            "`pip install --no-build-isolation -e .`)" if editable else "")
         + ":\n" + out.stderr[-500:])
+
+
+def test_the_kernels_folder_never_shadows_the_kernels_distribution():
+    """transformers >= 5.25 imports Hugging Face's `kernels` distribution. Python run from the
+    clone's root (as pytest and `python -c` do) must find that one, never our kernels/ folder,
+    which must still be importable as `dowser.kernels`."""
+    import importlib.util
+
+    assert not (ROOT / "kernels" / "__init__.py").exists(), (
+        "kernels/__init__.py makes the folder a regular package that shadows the `kernels` "
+        "distribution from the repository root (docs/development.md)")
+    code = (
+        "import importlib.util, json, sys\n"
+        "import dowser.kernels._availability\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "out = {'origin': spec.origin if spec else None,\n"
+        "       'locations': list(spec.submodule_search_locations or []) if spec else []}\n"
+        "if spec is not None and spec.origin is not None:\n"
+        "    import transformers.modeling_utils, kernels\n"
+        "    out['file'] = kernels.__file__\n"
+        "print(json.dumps(out))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-800:]
+    import json
+
+    seen = json.loads(res.stdout.strip().splitlines()[-1])
+    if importlib.util.find_spec("transformers") is not None and seen["origin"] is not None:
+        assert not Path(seen["file"]).resolve().is_relative_to(ROOT), seen
+    # Without the distribution, `kernels` from the root is at most an empty namespace portion.
+    assert seen["origin"] is None or not Path(seen["origin"]).resolve().is_relative_to(ROOT), seen

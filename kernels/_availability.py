@@ -1,7 +1,12 @@
-"""Triton kernels of dowser, installed as `dowser.kernels` (one op per module).
+"""Whether dowser's Triton kernels (installed as `dowser.kernels`, one op per module) can run.
 
-Importable only where triton is installed. On a host without a GPU, the kernels run in
+The kernel modules import only where triton is installed. On a host without a GPU, they run in
 Triton's interpreter when TRITON_INTERPRET=1 is set before triton is first imported.
+
+`kernels/` has no `__init__.py` on purpose: a folder without one is a namespace portion, which
+Python's import system never prefers over a regular package, so this folder cannot shadow the
+`kernels` distribution (Hugging Face's hub kernels, imported by transformers >= 5.25) when the
+repository root is on sys.path (pytest, `python -c` from the clone). See docs/development.md.
 """
 
 from __future__ import annotations

@@ -32,6 +32,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import make_mask, optim_params  # noqa: E402
+
 SETS = {
     "45M": [(4096, 11008)],
     "smoke": [(256, 300)],  # a quick check that every row runs
@@ -135,30 +138,12 @@ def _use_path(path: str, previous) -> None:
 
 
 def _mask(shape, rho: float, kind: str, device: str, gen: torch.Generator) -> torch.Tensor:
-    from dowser.ops import pack_mask
-
-    if rho >= 1.0:
-        return pack_mask(torch.ones(shape, dtype=torch.bool, device=device))
-    if kind == "random":
-        return pack_mask(torch.rand(shape, device=device, generator=gen) < rho)
-    w = torch.randn(shape, device=device, generator=gen).abs_()
-    psi = torch.randn(shape[0], 1, device=device, generator=gen).exp_()
-    alpha = torch.randn(1, shape[1], device=device, generator=gen).exp_()
-    w.mul_(psi).mul_(alpha)
-    k = max(1, int(rho * w.numel() + 0.5))
-    thresh = w.view(-1).kthvalue(k).values if device == "cpu" else w.view(-1).float().sort().values[k - 1]
-    return pack_mask(w <= thresh)
+    return make_mask(shape, rho, kind, device, gen)
 
 
 def _tensors(set_name: str, device: str) -> list[torch.nn.Parameter]:
     dtype = torch.bfloat16 if set_name == "7B-like" else torch.float32
-    gen = torch.Generator(device=device).manual_seed(0)
-    params = []
-    for shape in SETS[set_name]:
-        p = torch.nn.Parameter(torch.randn(shape, device=device, dtype=dtype, generator=gen))
-        p.grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
-        params.append(p)
-    return params
+    return optim_params(SETS[set_name], dtype, device)
 
 
 _MASKS: dict = {}

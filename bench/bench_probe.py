@@ -24,11 +24,11 @@ import sys
 import time
 
 import torch
-from common import write_results
+from common import probe_batch, write_results
 
 import dowser
 from dowser import reference
-from dowser.probe import find_targets, rademacher, synthetic_prompts
+from dowser.probe import rademacher, synthetic_prompts
 from dowser.profiling import peak_memory
 
 LAYERS, BATCH, SEQ, R = 8, 4, 64, 8
@@ -51,19 +51,11 @@ def one_batch(which: str) -> dict:
     """Run in a fresh process: one probe batch with `which` = "dowser" or "authors"."""
     torch.manual_seed(0)
     model, tok = load_smollm2()
-    ids = synthetic_prompts(model, tok, batch=0, n_rows=BATCH, seq_len=SEQ, seed=0)
-    names = list(find_targets(model, layers=LAYERS))
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ours, theirs, names = probe_batch(model, tok, LAYERS, BATCH, SEQ, R)
+    fn = ours if which == "dowser" else theirs
+    ids = synthetic_prompts(model, tok, batch=0, n_rows=BATCH, seq_len=SEQ, seed=0)
     xi = rademacher(0, 0, R, BATCH, model.config.vocab_size)
-    if which == "dowser":
-        def fn():
-            return dowser.probe(model, tok, layers=LAYERS, prompts=ids, batch_size=BATCH,
-                                n_rademacher=R, progress=False)
-    else:
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-        def fn():
-            return reference.authors_probe_loop(model, [batch], names, [xi])
     # Warm-up on a tiny batch so neither method's peak counts one-time library set-up
     # (autograd engine, thread pools), only what the probe itself holds.
     tiny = ids[:1, :8]

@@ -19,27 +19,19 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import naive_select, select_inputs  # noqa: E402
 RHO, B = 0.1, 16
 LAYER_7B = [("q", 4096, 4096), ("k", 4096, 4096), ("v", 4096, 4096), ("o", 4096, 4096),
             ("gate", 11008, 4096), ("up", 11008, 4096), ("down", 4096, 11008)]
 
 
 def _inputs(shapes, device, dtype):
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for d_out, d_in in shapes:
-        w = torch.randn(d_out, d_in, generator=gen).to(dtype).to(device)
-        out.append((w, torch.rand(B, d_out, generator=gen).to(device),
-                    torch.rand(B, d_in, generator=gen).to(device),
-                    torch.randint(1, 5, (B,), generator=gen).float().to(device)))
-    return out
+    return select_inputs(shapes, device, dtype, B)
 
 
 def _naive(w, psi, a, bw):
-    s = w.abs().float() * ((psi * bw[:, None]).t() @ a) / bw.sum()
-    k = int(RHO * s.numel() + 0.5)
-    thr = torch.kthvalue(s.flatten(), k).values
-    return s <= thr
+    return naive_select(w, psi, a, bw, RHO)
 
 
 def _use_previous_build(path: str) -> None:
@@ -108,7 +100,6 @@ def main() -> None:
     auto = _ext.cpu_capability() or "-"
     paths = args.paths or [auto]
 
-    sys.path.insert(0, HERE)
     from common import write_results
 
     cases = [("4096x4096", [(4096, 4096)]), ("4096x11008", [(4096, 11008)]),

@@ -318,141 +318,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     masks = MaskSet.load(args.masks)
     print(masks.summary())
     if args.plot:
+        from dowser.plots import plot_masks
+
         plot_masks(masks, args.plot)
         print(f"wrote {args.plot}")
     return 0
-
-
-def mask_method(masks) -> str:
-    """The scoring method a MaskSet was built with (metadata key `method`; "dowser" before
-    that key existed)."""
-    return str(masks.metadata.get("method") or "dowser")
-
-
-def _matrix_type(name: str) -> str:
-    return name.rsplit(".", 2)[-2] if name.endswith(".weight") else name
-
-
-def _binned(values, n_bins: int):
-    """Mean of `values` (1-D) over n_bins contiguous bins (each value repeated over several
-    bins when there are fewer values than bins)."""
-    import torch
-
-    n = values.numel()
-    if n < n_bins:
-        return values[torch.arange(n_bins) * n // n_bins].float()
-    idx = torch.arange(n) * n_bins // n
-    sums = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, values.double())
-    counts = torch.bincount(idx, minlength=n_bins).double()
-    return (sums / counts).float()
-
-
-def plot_masks(masks, path: str) -> None:
-    """Where the trainable entries sit and how the scores fall around the threshold.
-
-    Top row: the trainable fraction of every matrix by output row and by input column (64
-    bins each; one heat-map row per matrix, in layer order), and the trainable fraction per
-    layer (flat at rho for the per-matrix scope, informative for scope="global").
-    Bottom row: one histogram of sampled scores per matrix type, with the selection threshold
-    estimated from the samples: the rho-quantile of the type's samples (scope "matrix": the
-    median over its matrices; "global": the rho-quantile of every sample, one threshold)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
-    from dowser.ops import unpack_mask
-
-    meta = masks.metadata
-    rho, scope, method = meta.get("rho"), meta.get("scope"), mask_method(masks)
-    counts = masks.counts()
-    names = list(counts)
-    types = list(dict.fromkeys(_matrix_type(n) for n in names))
-    palette = plt.get_cmap("tab10")
-    colors = {t: palette(i % 10) for i, t in enumerate(types)}
-    n_bins = 64
-    rows_map, cols_map, labels = [], [], []
-    for name in names:
-        shape = masks.shapes[name]
-        if len(shape) != 2:
-            continue
-        bits = unpack_mask(masks[name].cpu(), shape).float()
-        rows_map.append(_binned(bits.mean(1), n_bins))
-        cols_map.append(_binned(bits.mean(0), n_bins))
-        labels.append(name)
-
-    fig = plt.figure(figsize=(15, 8.5))
-    grid = fig.add_gridspec(2, max(3, len(types)), height_ratios=[1.25, 1])
-    n_top = max(3, len(types))
-    split = [n_top // 3, 2 * n_top // 3]
-    ax_rows = fig.add_subplot(grid[0, :split[0]])
-    ax_cols = fig.add_subplot(grid[0, split[0]:split[1]])
-    ax_layer = fig.add_subplot(grid[0, split[1]:])
-    vmax = max([float(m.max()) for m in rows_map + cols_map] + [1e-6])
-    for ax, maps, what in ((ax_rows, rows_map, "output row"), (ax_cols, cols_map, "input column")):
-        if maps:
-            im = ax.imshow(torch.stack(maps).numpy(), aspect="auto", interpolation="nearest",
-                           cmap="viridis", vmin=0, vmax=vmax)
-            fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02, label="trainable fraction")
-            step = max(1, len(labels) // 12)
-            ax.set_yticks(range(0, len(labels), step))
-            ax.set_yticklabels([_short(labels[i]) for i in range(0, len(labels), step)],
-                               fontsize=6)
-        ax.set_xlabel(f"{what} ({n_bins} bins, first to last)")
-        ax.set_title(f"trainable entries by {what}", fontsize=10)
-
-    for mtype in types:
-        pts = []
-        for i, name in enumerate(names):
-            if _matrix_type(name) == mtype:
-                nums = re.findall(r"\.(\d+)\.", name)
-                t, n = counts[name]
-                pts.append((int(nums[-1]) if nums else i, t / n if n else 0.0))
-        pts.sort()
-        ax_layer.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=mtype,
-                      color=colors[mtype])
-    if isinstance(rho, (int, float)):
-        ax_layer.axhline(rho, color="grey", ls=":", lw=1, label=f"rho={rho}")
-    top = max([t / n for t, n in counts.values() if n] + [float(rho or 0), 1e-3])
-    ax_layer.set_ylim(0, top * 1.2)
-    ax_layer.xaxis.get_major_locator().set_params(integer=True)
-    ax_layer.set_xlabel("layer")
-    ax_layer.set_ylabel("trainable fraction")
-    ax_layer.set_title("trainable fraction per layer" + (" (exactly rho at scope=matrix)"
-                       if scope == "matrix" else ""), fontsize=10)
-    ax_layer.legend(fontsize=7, ncol=2)
-
-    samples = {n: s.float() for n, s in masks.score_samples.items() if s.numel()}
-    q = float(rho) if isinstance(rho, (int, float)) else None
-    global_thr = None
-    if scope == "global" and q is not None and samples:
-        global_thr = float(torch.quantile(torch.cat(list(samples.values())).double(), q))
-    for j, mtype in enumerate(types):
-        ax = fig.add_subplot(grid[1, j])
-        parts = [s for n, s in samples.items() if _matrix_type(n) == mtype]
-        if not parts:
-            ax.set_title(f"{mtype}: no score samples", fontsize=9)
-            continue
-        vals = torch.cat(parts)
-        pos = vals[vals > 0]
-        if pos.numel():
-            ax.hist(pos.log10().numpy(), bins=50, color=colors[mtype], alpha=0.8)
-        thr = global_thr
-        if thr is None and q is not None:
-            thr = float(torch.stack([torch.quantile(s.double(), q) for s in parts]).median())
-        if thr is not None and thr > 0:
-            ax.axvline(torch.tensor(thr).log10().item(), color="red", lw=1.2,
-                       label=f"threshold ({'global' if global_thr is not None else 'median'})")
-            ax.legend(fontsize=6, loc="upper left")
-        ax.set_title(f"{mtype}\n({len(parts)} matrices)", fontsize=8)
-        ax.set_xlabel("log10 score", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.suptitle(f"{method} masks: rho={rho}, scope={scope}, "
-                 f"{meta.get('model_name', '')}; left of the red line trains", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---- dowser plan (issue 16): self-contained, validates its arguments before any work -------
@@ -527,8 +397,64 @@ def _add_plan_parser(sub) -> None:
 
 
 
-def _short(name: str) -> str:
-    return re.sub(r"^.*?layers\.", "", name).replace(".weight", "").replace("self_attn.", "")
+# ---- dowser bench (issue 29): the pytest-benchmark suite of a checkout ----------------------
+
+def _bench_dir() -> str | None:
+    """bench/ of the checkout dowser runs from (editable install), else of the working
+    directory; None when neither holds the suite."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for root in (here, os.getcwd()):
+        path = os.path.join(root, "bench")
+        if os.path.isfile(os.path.join(path, "conftest.py")) and os.path.isfile(os.path.join(path, "report.py")):
+            return path
+    return None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib.util
+    import subprocess
+
+    bench = _bench_dir()
+    if bench is None:
+        raise UsageError("the benchmark suite lives in the source checkout's bench/ folder: run "
+                         "from a clone (pip install -e \".[test]\") or cd into one")
+    if importlib.util.find_spec("pytest_benchmark") is None:
+        raise UsageError("pytest-benchmark is not installed: pip install pytest-benchmark")
+    if args.json:
+        _check_output(args.json, "--json")
+    root = os.path.dirname(bench)
+    # default: a scratch name; report.py copies it to suite-<machine>.json beside the tables
+    json_out = os.path.abspath(args.json) if args.json else os.path.join(
+        bench, "results", f"suite-run-{os.getpid()}.json")
+    os.makedirs(os.path.dirname(json_out), exist_ok=True)
+    cmd = [sys.executable, "-m", "pytest", bench, "--benchmark-only", "-p", "no:cacheprovider",
+           "-q", f"--benchmark-json={json_out}"] + (["--quick"] if args.quick else [])
+    if args.cpu_paths:
+        cmd.append(f"--cpu-paths={args.cpu_paths}")
+    if args.devices:
+        cmd.append(f"--devices={args.devices}")
+    cmd += args.pytest_args
+    print("+ " + " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, cwd=root)
+    if not os.path.isfile(json_out):
+        return rc or 1
+    # the tables (and plot) named after the machine, from the JSON alone
+    rc_report = subprocess.call([sys.executable, os.path.join(bench, "report.py"), json_out], cwd=root)
+    if not args.json:
+        os.remove(json_out)
+    return rc or rc_report
+
+
+def _add_bench_parser(sub) -> None:
+    b = sub.add_parser("bench", help="run the benchmark suite (pytest bench/ --benchmark-only) "
+                                     "and write its JSON and tables under bench/results/")
+    b.add_argument("--quick", action="store_true", help="every case at a small size")
+    b.add_argument("--json", default=None,
+                   help="pytest-benchmark JSON to write (default: bench/results/suite-latest[-quick].json)")
+    b.add_argument("--cpu-paths", default=None, help="e.g. default,avx2 (default: every path this CPU runs)")
+    b.add_argument("--devices", default=None, help="e.g. cuda (default: cpu, and cuda when present)")
+    b.add_argument("pytest_args", nargs="*", help="more pytest arguments, after -- (e.g. -- -k adamw)")
+    b.set_defaults(func=_cmd_bench)
 
 
 # ---------------------------------------------------------------- parser and entry point
@@ -580,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a figure (e.g. masks.png)")
     p.set_defaults(func=_cmd_inspect)
     _add_plan_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 

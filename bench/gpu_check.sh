@@ -75,14 +75,11 @@ step gpu-tests 110 $py -m pytest -q -x -m gpu -p no:cacheprovider
 step cuda-tests 120 $py -m pytest -q -p no:cacheprovider -k cuda \
   tests/test_select.py tests/test_pack.py tests/test_optim.py tests/test_optim_skip.py tests/test_opcheck.py
 step selfcheck 45 $py -m dowser.cli selfcheck
-step bench-select 120 $py bench/bench_select.py --device cuda --repeat 3
-step bench-optim 90 $py bench/bench_optim.py --device cuda --rounds 3 --processes 2
-if $py bench/bench_probe.py --help 2>/dev/null | grep -q -- "--device"; then
-  step bench-probe 60 $py bench/bench_probe.py --device cuda
-else
-  echo "gpu_check: bench/bench_probe.py has no --device option: probe benchmark not run on the GPU"
-  echo "bench-probe,not run (no --device option),0," >>"$csv"
-fi
+# The benchmark suite (bench/test_bench_*.py) on the GPU at README's sizes: every case with its
+# baseline in the same process; JSON + tables named after the GPU (bench/report.py).
+step bench-suite 200 $py -m pytest bench/ --benchmark-only --devices cuda -q -p no:cacheprovider \
+  --benchmark-json="$out/suite-$tag.json"
+step bench-report 30 $py bench/report.py "$out/suite-$tag.json"
 
 total=$(( $(date +%s) - start ))
 {

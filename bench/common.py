@@ -179,11 +179,14 @@ def _fmt(v) -> str:
 RHO_DEFAULT = 0.1  # the bottom-rho fraction the benchmarks select
 
 
-def measure(benchmark, fn, *, device: str, rounds: int, group: str, method: str,
+def measure(benchmark, fn, *, device: str, rounds: int | None, group: str, method: str,
             baseline: bool = False, cpu_path: str = "-", warmup: int = 1, **info) -> None:
-    """Time `fn` with pytest-benchmark (`rounds` calls after `warmup`, CUDA synchronised around
-    each) and label the row for bench/report.py: group (the case), method, whether it is the
-    case's baseline, the CPU path and any other facts (sizes, counts) in extra_info."""
+    """Time `fn` with pytest-benchmark (CUDA synchronised around each call) and label the row
+    for bench/report.py: group (the case), method, whether it is the case's baseline, the CPU
+    path and any other facts (sizes, counts) in extra_info. `rounds` calls after `warmup`;
+    rounds=None: pytest-benchmark's own calibration (as many rounds as fit its
+    --benchmark-max-time, 1 s by default), for ops of a few ms whose single rounds a loaded
+    machine's scheduler can stretch many times over."""
     if device.startswith("cuda"):
         def timed():
             fn()
@@ -194,4 +197,9 @@ def measure(benchmark, fn, *, device: str, rounds: int, group: str, method: str,
     benchmark.extra_info.update(case=group, method=method, baseline=baseline,
                                 device=device_name(device) if device != "cpu" else "cpu",
                                 cpu_path=cpu_path if device == "cpu" else "-", **info)
-    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    if rounds is None:
+        for _ in range(warmup):
+            timed()
+        benchmark(timed)
+    else:
+        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup)

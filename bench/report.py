@@ -46,12 +46,12 @@ def rows_of(data: dict) -> list[dict]:
             row["vs_baseline_min"] = base[0]["min_ms"] / row["min_ms"]
     cases = list(dict.fromkeys(r["case"] for r in rows))
     rows.sort(key=lambda r: (cases.index(r["case"]), not r["_baseline"]))  # stable: run order
-    out = []
+    order = ["case", "method", "cpu_path", "baseline", "median_ms", "min_ms", "vs_baseline",
+             "vs_baseline_min", "rounds", "entries", "trainable", "targets"]
     for row in rows:
-        first = {"case": row.pop("case"), "method": row.pop("method"), "cpu_path": row.pop("cpu_path"),
-                 "baseline": "yes" if row.pop("_baseline") else ""}
-        out.append({**first, **row})
-    return out
+        row["baseline"] = "yes" if row.pop("_baseline") else ""
+    present = [k for k in order if any(k in r for r in rows)]  # same columns, same order, every row
+    return [{k: row.get(k, "") for k in present} for row in rows]
 
 
 def machine_tag(data: dict) -> str:
@@ -72,7 +72,7 @@ def render(path: Path, suffix: str = "") -> Path:
     env["CPU paths run"] = info.get("cpu_paths_run", "?")
     env["GPU"] = info.get("gpu", "none")
     env["load average (1 min) at start"] = info.get("load_average_1min_at_start", "?")
-    env["json"] = str(Path(path).name)
+    env["json"] = f"suite-{machine_tag(data)}{suffix}.json"
     notes = ("pytest-benchmark suite (bench/test_bench_*.py). Each case (a pytest-benchmark group) "
              "times its baseline in the same process; vs_baseline = baseline median / row median "
              "(> 1: faster). cpu_path: the CPU instruction-set path the dowser row was forced to "

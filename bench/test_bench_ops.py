@@ -16,9 +16,8 @@ SELECT = {False: (4096, 11008), True: (512, 1024)}
 PACK = {False: (4096, 11008), True: (1024, 2048)}
 OPTIM = {False: [(4096, 11008)], True: [(512, 2048)]}
 ROUNDS = {False: 5, True: 3}
-# Rounds of the cheap ops (ms at quick size): more of them, so a loaded machine's stalls
-# move the median less.
-FAST_ROUNDS = {False: 10, True: 15}
+# The cheap ops (ms at quick size): pytest-benchmark's calibrated rounds (see measure).
+FAST_ROUNDS = {False: None, True: None}
 
 
 def _shape(s) -> str:

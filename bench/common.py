@@ -145,7 +145,9 @@ def probe_batch(model, tok, layers: int, batch: int, seq: int, rademacher_draws:
     ids = synthetic_prompts(model, tok, batch=0, n_rows=batch, seq_len=seq, seed=0)
     names = list(find_targets(model, layers=layers))
     xi = rademacher(0, 0, rademacher_draws, batch, model.config.vocab_size)
-    data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    dev = next(model.parameters()).device  # the authors' loop moves nothing itself
+    data = [{"input_ids": ids.to(dev), "attention_mask": torch.ones_like(ids, device=dev)}]
+    xi = xi.to(dev)
 
     def ours():
         return dowser.probe(model, tok, layers=layers, prompts=ids, batch_size=batch,

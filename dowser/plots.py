@@ -164,7 +164,7 @@ def plot_bench(rows: list[dict], path, title: str = "dowser benchmark suite") ->
         return
     cases = list(dict.fromkeys(r["case"] for r in rows))
     heights = [sum(1 for r in rows if r["case"] == c) for c in cases]
-    fig, axes = plt.subplots(len(cases), 1, figsize=(11, 0.35 * sum(heights) + 0.9 * len(cases) + 0.5),
+    fig, axes = plt.subplots(len(cases), 1, figsize=(13, 0.35 * sum(heights) + 0.9 * len(cases) + 0.5),
                              squeeze=False, gridspec_kw={"height_ratios": heights})
     for ax, case in zip(axes[:, 0], cases):
         sel = [r for r in rows if r["case"] == case]
@@ -181,6 +181,6 @@ def plot_bench(rows: list[dict], path, title: str = "dowser benchmark suite") ->
         ax.set_xlabel("median ms (grey: baseline; label: baseline / row)", fontsize=7)
         ax.set_xlim(0, max(vals) * 1.25)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_size_inches()[1]))  # room for the title
     fig.savefig(path, dpi=90)
     plt.close(fig)

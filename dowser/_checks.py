@@ -54,3 +54,37 @@ def check_packed(name: str, packed: torch.Tensor, numel: int) -> None:
         if last >> tail:
             raise ValueError(f"{name} has bits set past entry {numel} (padding bits must be 0): "
                              "it was made for a larger tensor")
+
+
+# ---- the masters argument of dowser::masked_adamw_step / masked_sgd_step ----------------------
+# The ops take the fp32 master copies that exist (`masters`, in parameter order) and one flag
+# per parameter (`has_master`), never a list with None holes: torch cannot functionalize a
+# mutable list holding None (see the schema note in dowser/_ops/masked_adamw_step.py).
+
+def master_args(per_param: list[torch.Tensor | None]) -> tuple[list[torch.Tensor] | None,
+                                                                list[bool] | None]:
+    """(masters, has_master) for the ops from one entry per parameter (None = no master);
+    (None, None) when no parameter has one."""
+    flags = [m is not None for m in per_param]
+    if not any(flags):
+        return None, None
+    return [m for m in per_param if m is not None], flags
+
+
+def masters_per_param(masters: list[torch.Tensor] | None, has_master: list[bool] | None,
+                      n: int) -> list[torch.Tensor | None]:
+    """The ops' (masters, has_master) as one entry per parameter (None = no master), checked.
+    has_master None: no master at all (masters None or empty) or one for every parameter."""
+    masters = [] if masters is None else list(masters)
+    if has_master is None or len(has_master) == 0:
+        if len(masters) not in (0, n):
+            raise ValueError(f"masters has {len(masters)} entries for {n} parameters "
+                             "(pass has_master to say which parameters they belong to)")
+        return masters if masters else [None] * n
+    if len(has_master) != n:
+        raise ValueError(f"has_master has {len(has_master)} entries for {n} parameters")
+    if sum(bool(h) for h in has_master) != len(masters):
+        raise ValueError(f"masters has {len(masters)} entries but has_master flags "
+                         f"{sum(bool(h) for h in has_master)} parameters")
+    it = iter(masters)
+    return [next(it) if h else None for h in has_master]

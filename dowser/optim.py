@@ -17,7 +17,7 @@ import torch
 
 from dowser import _ops  # noqa: F401  (declares the ops)
 from dowser import _bits
-from dowser._checks import check_packed
+from dowser._checks import check_packed, master_args
 from dowser.distributed import local_rows, local_tensor, shard_mask
 
 __all__ = ["MaskedAdamW", "MaskedSGD", "mask_gradients", "GradientMaskHandle"]
@@ -394,7 +394,7 @@ class MaskedAdamW(_MaskedOptimizer):
             bad = torch.ops.dowser.masked_adamw_step(
                 [local_tensor(p) for p in plist], grads, m, v, masks, offs, steps, float(group["lr"]), float(beta1),
                 float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                bool(group["maximize"]), one_pass, masters)
+                bool(group["maximize"]), one_pass, *master_args(masters))
             if one_pass:  # the step happened: count it; report (skip mode) after all groups
                 for p in plist:
                     self.state[p]["step"] += 1.0
@@ -463,7 +463,7 @@ class MaskedSGD(_MaskedOptimizer):
                     [local_tensor(p) for p in plist], grads, bufs, masks, offs, first, float(group["lr"]),
                     float(group["momentum"]), float(group["dampening"]),
                     float(group["weight_decay"]), bool(group["nesterov"]), bool(group["maximize"]),
-                    masters)
+                    *master_args(masters))
                 self._raise_bad(bad, plist)
                 if has_momentum:
                     for p, b in zip(plist, bufs):

@@ -14,6 +14,7 @@ import torch
 # Definitions the oracles share with the runtime (re-exported for the tests' convenience).
 from dowser._bits import (count_trainable, key_to_float, score_factors, score_keys,  # noqa: F401
                           word_offsets)
+from dowser._checks import masters_per_param
 
 _SHIFTS = torch.arange(32, dtype=torch.int64)
 
@@ -250,36 +251,32 @@ def _write_back(param: torch.Tensor, idx: torch.Tensor | None, new: torch.Tensor
         param.copy_(flat.view(param.shape))
 
 
-def _masters_list(masters: list[torch.Tensor | None] | None, n: int) -> list[torch.Tensor | None]:
-    if masters is None or len(masters) == 0:
-        return [None] * n
-    if len(masters) != n:
-        raise ValueError(f"masters has {len(masters)} entries for {n} parameters")
-    return list(masters)
-
-
 def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor],
                   exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
                   masks: list[torch.Tensor | None], offsets: list[torch.Tensor | None],
                   steps: list[float], lr: float, beta1: float, beta2: float, eps: float,
                   weight_decay: float, maximize: bool, skip_nonfinite: bool = False,
-                  masters: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+                  masters: list[torch.Tensor] | None = None,
+                  has_master: list[bool] | None = None) -> torch.Tensor:
     """AdamW on the trainable entries only (PyTorch's fused AdamW math order, fp32 math).
 
     Per tensor i: masks[i] None = every entry trains; offsets[i] given = compact fp32 state of
-    the k trainable entries (in flat order), else state shaped like the parameter. masters[i]
-    (None = none): an fp32 copy laid out exactly like exp_avgs[i]; the step then reads the
+    the k trainable entries (in flat order), else state shaped like the parameter. masters: the
+    fp32 master copies that exist, in parameter order (has_master[i]: params[i] has the next
+    one; has_master None: every parameter has one, or none does); a master is laid out
+    exactly like exp_avgs[i], and the step then reads the
     parameter value from it, writes the new fp32 value back to it and the value rounded to the
     parameter dtype to the parameter (so updates below half an ulp of a bf16 parameter are
     kept). Returns the per-tensor count of NaN/Inf gradients in trainable entries; when any is
     non-zero nothing was written. With `skip_nonfinite`, the finite entries are updated all the
     same and the NaN/Inf ones keep their param, master and state bits.
     """
+    per_param = masters_per_param(masters, has_master, len(params))
     bad = count_nonfinite(grads, masks)
     if bool(bad.any()) and not skip_nonfinite:
         return bad
     for p, g, m, v, mask, off, step, w in zip(params, grads, exp_avgs, exp_avg_sqs, masks, offsets,
-                                             steps, _masters_list(masters, len(params))):
+                                             steps, per_param):
         compact = off is not None
         idx, gf, pf = _gather(p, g, mask, maximize, w, compact)
         mf = _state_view(m, idx, compact).clone()
@@ -312,20 +309,21 @@ def masked_sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: lis
                 masks: list[torch.Tensor | None], offsets: list[torch.Tensor | None],
                 first: list[bool], lr: float, momentum: float, dampening: float,
                 weight_decay: float, nesterov: bool, maximize: bool,
-                masters: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+                masters: list[torch.Tensor] | None = None,
+                has_master: list[bool] | None = None) -> torch.Tensor:
     """SGD (torch.optim.SGD's math) on the trainable entries only, fp32 math.
 
     `bufs` is empty when momentum is 0, else one fp32 momentum buffer per tensor (compact when
     offsets[i] is given); first[i] = the buffer is fresh (it is then set to the update, as
-    torch does). masters[i] (None = none): fp32 master copy, compact when offsets[i] is given,
-    read and written as in `masked_adamw_`. Returns per-tensor NaN/Inf counts; nothing is
+    torch does). masters, has_master: fp32 master copies (compact when offsets[i] is given),
+    passed, read and written as in `masked_adamw_`. Returns per-tensor NaN/Inf counts; nothing is
     written when any is non-zero.
     """
+    per_param = masters_per_param(masters, has_master, len(params))
     bad = count_nonfinite(grads, masks)
     if bool(bad.any()):
         return bad
-    for i, (p, g, mask, off, w) in enumerate(zip(params, grads, masks, offsets,
-                                                 _masters_list(masters, len(params)))):
+    for i, (p, g, mask, off, w) in enumerate(zip(params, grads, masks, offsets, per_param)):
         compact = off is not None
         idx, gf, pf = _gather(p, g, mask, maximize, w, compact)
         d = gf + weight_decay * pf if weight_decay != 0 else gf

@@ -115,3 +115,68 @@ def test_training_step_through_masked_adamw_and_mask_build():
         frames = [f"{fr.filename}:{fr.name}" for fr in reason.user_stack]
         assert not any("/dowser/_ops/" in f or "/dowser/kernels/" in f for f in frames), (
             reason.reason, frames)
+
+
+# ---- the optimizer ops with the arguments MaskedAdamW / MaskedSGD pass (issue 30) -------------
+
+def _recorded_steps():
+    """The step-op calls of one MaskedAdamW and one MaskedSGD step over a group mixing a masked
+    bf16 matrix (compact fp32 master), a dense bf16 vector (dense master), an fp16 matrix and
+    an fp32 matrix without masters, recorded at the public API."""
+    from tests.recorder import record_dowser_calls
+
+    def group():
+        gen = torch.Generator().manual_seed(7)
+        shapes = [(24, 40), (24,), (9, 13), (16, 8)]
+        dtypes = [torch.bfloat16, torch.bfloat16, torch.float16, torch.float32]
+        ps = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.05).to(d))
+              for s, d in zip(shapes, dtypes)]
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        masks = {ps[0]: reference.pack_mask(torch.rand(shapes[0], generator=gen) < 0.3),
+                 ps[2]: reference.pack_mask(torch.rand(shapes[2], generator=gen) < 0.6),
+                 ps[3]: reference.pack_mask(torch.rand(shapes[3], generator=gen) < 0.5)}
+        return ps, masks
+
+    with record_dowser_calls() as calls:
+        ps, masks = group()
+        dowser.MaskedAdamW(ps, masks, lr=1e-3, weight_decay=0.1).step()
+        ps, masks = group()
+        dowser.MaskedSGD(ps, masks, lr=1e-2, momentum=0.9, weight_decay=0.01).step()
+    steps = [c for c in calls if c.name in ("masked_adamw_step", "masked_sgd_step")]
+    assert [c.name for c in steps] == ["masked_adamw_step", "masked_sgd_step"]
+    for c in steps:  # masters for the bf16/fp16 tensors only, in one call
+        assert list(c.args[-1]) == [True, True, True, False], c.args[-1]
+    return steps
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_optimizer_ops_with_masters_compile_fullgraph_bit_exact(backend):
+    """torch.compile(fullgraph=True) of a function calling each step op with the recorded
+    public-API arguments (masters of some tensors only) writes the same bits as eager: params,
+    states and masters, and returns the same counts."""
+    for call in _recorded_steps():
+        op = call.op
+
+        def step(*args):
+            return op(*args) + 0  # a graph around the op, not only the op
+
+        (eager_args, _), (comp_args, _) = call.fresh(), call.fresh()
+        want = step(*eager_args)
+        got = torch.compile(step, fullgraph=True, backend=backend)(*comp_args)
+        assert torch.equal(got, want), call.name
+        flat_e = [t for a in eager_args if isinstance(a, list) for t in a
+                  if isinstance(t, torch.Tensor)]
+        flat_c = [t for a in comp_args if isinstance(a, list) for t in a
+                  if isinstance(t, torch.Tensor)]
+        assert len(flat_e) == len(flat_c)
+        for e, c in zip(flat_e, flat_c):
+            assert e.dtype == c.dtype and torch.equal(_bits(e), _bits(c)), call.name
+        moved = [not torch.equal(a, b) for a, b in zip(flat_e, [t for a in call.args
+                                                                 if isinstance(a, list) for t in a
+                                                                 if isinstance(t, torch.Tensor)])]
+        assert any(moved), "the step wrote nothing: the comparison would prove nothing"

@@ -10,6 +10,7 @@ import torch
 
 import dowser
 from dowser import reference
+from dowser._checks import master_args
 from dowser.distributed import load_optimizer_state_dict, optimizer_state_dict
 from dowser.ops import pack_mask
 from tests.conftest import backend_fn
@@ -152,7 +153,8 @@ def test_op_with_masters_matches_reference(backend, dtype, compact, skip, device
         m = [t.clone() for t in m0]
         v = [t.clone() * 1e-3 for t in m0]
         w = [None if t is None else t.clone() for t in w0]
-        bad = f(p, gs, m, v, ms, offs, [3.0] * len(ps), 1e-3, 0.9, 0.99, 1e-8, 0.1, False, skip, w)
+        bad = f(p, gs, m, v, ms, offs, [3.0] * len(ps), 1e-3, 0.9, 0.99, 1e-8, 0.1, False, skip,
+                *master_args(w))
         assert int(bad.sum()) == (5 if skip else 0)
         outs.append((p, m, v, [t for t in w if t is not None]))
     for a, b in zip(outs[0], outs[1]):
@@ -190,7 +192,8 @@ def test_sgd_op_with_masters_matches_reference(backend, compact, momentum, devic
         p = [t.clone() for t in ps]
         b = [t.clone() for t in b0] if momentum else []  # no momentum: no buffers at all
         w = [None if t is None else t.clone() for t in w0]
-        bad = f(p, gs, b, ms, offs, [False] * len(ps), 1e-2, momentum, 0.1, 0.01, False, False, w)
+        bad = f(p, gs, b, ms, offs, [False] * len(ps), 1e-2, momentum, 0.1, 0.01, False, False,
+                *master_args(w))
         assert int(bad.sum()) == 0
         outs.append((p, b, [t for t in w if t is not None]))
     for a, c in zip(outs[0], outs[1]):
@@ -230,7 +233,7 @@ def test_op_master_arguments_are_optional():
     torch.ops.dowser.masked_adamw_step(p, g, m, v, [None], [None], [1.0], 1e-3, 0.9, 0.99, 1e-8,
                                        0.0, False)
     torch.ops.dowser.masked_adamw_step(p, g, m, v, [None], [None], [2.0], 1e-3, 0.9, 0.99, 1e-8,
-                                       0.0, False, False, [None])
+                                       0.0, False, False, None)
     with pytest.raises(ValueError, match="masters has 2 entries"):
         reference.masked_adamw_(p, g, m, v, [None], [None], [3.0], 1e-3, 0.9, 0.99, 1e-8, 0.0,
                                 False, False, [None, None])

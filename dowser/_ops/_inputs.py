@@ -18,7 +18,8 @@ def exact_layer(gen: torch.Generator) -> tuple:
 
 def optim_group(gen: torch.Generator, compact: bool = True) -> dict:
     """One parameter group of three tensors (fp32 masked, bf16 masked, fp32 dense) with their
-    gradients, masks, word offsets and fp32 state (compact for masked tensors)."""
+    gradients, masks, word offsets, fp32 state (compact for masked tensors) and fp32 masters
+    (one per tensor: the bf16 tensor's, off its bf16 grid; None for the fp32 tensors)."""
     shapes = [(37, 45), (70,), (9, 8)]
     params = [torch.randn(37, 45, generator=gen), torch.randn(70, generator=gen).to(torch.bfloat16),
               torch.randn(9, 8, generator=gen)]
@@ -29,5 +30,9 @@ def optim_group(gen: torch.Generator, compact: bool = True) -> dict:
     sizes = [p.numel() if o is None else reference.count_trainable(m, o)
              for p, m, o in zip(params, masks, offsets)]
     state = lambda: [torch.rand(n, generator=gen) for n in sizes]  # noqa: E731
+    state1, state2 = state(), state()
+    bf = params[1].float()
+    bf = bf[reference.unpack_mask(masks[1], bf.numel())] if offsets[1] is not None else bf
+    masters = [None, bf + torch.randn(bf.shape, generator=gen) * 1e-4, None]
     return {"params": params, "grads": grads, "masks": masks, "offsets": offsets,
-            "state1": state(), "state2": state()}
+            "state1": state1, "state2": state2, "masters": masters}

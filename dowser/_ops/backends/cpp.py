@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dowser._bits import score_factors
+from dowser._checks import masters_per_param
 from dowser._ops.backends._common import contiguous_params, copy_back, none_as_empty
 from dowser._registry import register
 
@@ -58,25 +59,28 @@ def count_nonfinite(grads, masks):
 
 @register("masked_adamw_step", "cpp", ("cpu",), cpp_symbol="masked_adamw_cpu")
 def masked_adamw_step(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, steps, lr, beta1,
-                      beta2, eps, weight_decay, maximize, skip_nonfinite=False, masters=None):
+                      beta2, eps, weight_decay, maximize, skip_nonfinite=False, masters=None,
+                      has_master=None):
+    per_param = masters_per_param(masters, has_master, len(params))  # checked first
     work, back = contiguous_params(list(params))
     bad = _c().masked_adamw_cpu(
         work, [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
         none_as_empty(masks, "cpu"), none_as_empty(offsets, "cpu"), [float(s) for s in steps],
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize),
-        bool(skip_nonfinite), none_as_empty(masters or [None] * len(work), "cpu"))
+        bool(skip_nonfinite), none_as_empty(per_param, "cpu"))
     copy_back(back)
     return bad
 
 
 @register("masked_sgd_step", "cpp", ("cpu",), cpp_symbol="masked_sgd_cpu")
 def masked_sgd_step(params, grads, bufs, masks, offsets, first, lr, momentum, dampening,
-                    weight_decay, nesterov, maximize, masters=None):
+                    weight_decay, nesterov, maximize, masters=None, has_master=None):
+    per_param = masters_per_param(masters, has_master, len(params))  # checked first
     work, back = contiguous_params(list(params))
     bad = _c().masked_sgd_cpu(
         work, [g.contiguous() for g in grads], list(bufs), none_as_empty(masks, "cpu"),
         none_as_empty(offsets, "cpu"), [bool(f) for f in first], float(lr), float(momentum),
         float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
-        none_as_empty(masters or [None] * len(work), "cpu"))
+        none_as_empty(per_param, "cpu"))
     copy_back(back)
     return bad

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from dowser._checks import masters_per_param
 from dowser._ops.backends._common import contiguous_params, copy_back, none_as_empty
 from dowser._registry import register
 
@@ -32,7 +33,9 @@ def count_nonfinite(grads, masks):
 
 @register("masked_adamw_step", "cuda", ("cuda",), cpp_symbol="masked_adamw_cuda")
 def masked_adamw_step(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, steps, lr, beta1,
-                      beta2, eps, weight_decay, maximize, skip_nonfinite=False, masters=None):
+                      beta2, eps, weight_decay, maximize, skip_nonfinite=False, masters=None,
+                      has_master=None):
+    per_param = masters_per_param(masters, has_master, len(params))  # checked first
     if not len(params):
         return torch.zeros(0, dtype=torch.int64)
     device = params[0].device
@@ -41,14 +44,15 @@ def masked_adamw_step(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, step
         work, [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
         none_as_empty(masks, device), none_as_empty(offsets, device), [float(s) for s in steps],
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize),
-        bool(skip_nonfinite), _stream(device), none_as_empty(masters or [None] * len(work), device))
+        bool(skip_nonfinite), _stream(device), none_as_empty(per_param, device))
     copy_back(back)
     return bad
 
 
 @register("masked_sgd_step", "cuda", ("cuda",), cpp_symbol="masked_sgd_cuda")
 def masked_sgd_step(params, grads, bufs, masks, offsets, first, lr, momentum, dampening,
-                    weight_decay, nesterov, maximize, masters=None):
+                    weight_decay, nesterov, maximize, masters=None, has_master=None):
+    per_param = masters_per_param(masters, has_master, len(params))  # checked first
     if not len(params):
         return torch.zeros(0, dtype=torch.int64)
     device = params[0].device
@@ -57,6 +61,6 @@ def masked_sgd_step(params, grads, bufs, masks, offsets, first, lr, momentum, da
         work, [g.contiguous() for g in grads], list(bufs), none_as_empty(masks, device),
         none_as_empty(offsets, device), [bool(f) for f in first], float(lr), float(momentum),
         float(dampening), float(weight_decay), bool(nesterov), bool(maximize), _stream(device),
-        none_as_empty(masters or [None] * len(work), device))
+        none_as_empty(per_param, device))
     copy_back(back)
     return bad

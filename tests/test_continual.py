@@ -212,3 +212,50 @@ def test_prepare_protect_freezes_earlier_entries(tmp_path):
             p = trained.get_parameter(name)
             p[unpack_mask(second[name], p.shape)] += 1.0
     dowser.MaskSet.load(path, trained, check_content=True)
+
+
+# --- the paper's continual-learning metrics (bench/continual.py) -----------------------------
+
+def _continual_bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location("continual_bench", bench / "continual.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cl_metrics_hand_computed_example():
+    cl = _continual_bench()
+    # A[t][i]: accuracy on task i after stage t
+    acc = [[0.9, 0.1, 0.0],
+           [0.6, 0.8, 0.2],
+           [0.5, 0.4, 0.7]]
+    m = cl.cl_metrics(acc, a_up=0.4)
+    assert m["MFT"] == pytest.approx((0.9 + 0.8 + 0.7) / 3)                      # 0.8
+    assert m["MFN"] == pytest.approx((0.5 + 0.4 + 0.7) / 3)                      # 0.5333
+    assert m["MAA"] == pytest.approx((0.9 + (0.6 + 0.8) / 2 + (0.5 + 0.4 + 0.7) / 3) / 3)  # 0.7111
+    assert m["BWT"] == pytest.approx(((0.5 - 0.9) + (0.4 - 0.8) + (0.7 - 0.7)) / 3)  # -0.2667
+    assert m["H"] == pytest.approx(2 * 0.4 * 0.5333333 / (0.4 + 0.5333333))       # 0.4571
+    assert m["BWT"] == pytest.approx(m["MFN"] - m["MFT"])
+    # the paper's Table 9 (LLaVA, 5 tasks): H from A_up and MFN, BWT = MFN - MFT, to its rounding
+    for a_up, mft, mfn, bwt, h in ((40.2, 70.2, 54.7, -15.6, 46.3), (61.2, 69.1, 66.6, -2.5, 63.8),
+                                   (61.2, 67.9, 60.0, -7.8, 60.6), (40.6, 69.1, 55.9, -13.2, 47.0)):
+        assert 2 * a_up * mfn / (a_up + mfn) == pytest.approx(h, abs=0.06)
+        assert mfn - mft == pytest.approx(bwt, abs=0.11)
+    with pytest.raises(ValueError, match="T x T"):
+        cl.cl_metrics([[1.0, 0.0]], 0.5)
+
+
+def test_continual_resume_keeps_only_complete_runs():
+    cl = _continual_bench()
+    rows = [{"method": "zero-shot", "seed": "", "stage": "0"}]
+    rows += [{"method": "dowser", "seed": "0", "stage": str(s), "v": "old"} for s in (1, 2)]  # cut short
+    rows += [{"method": "dowser", "seed": "0", "stage": str(s), "v": "new"} for s in (1, 2, 3)]
+    rows += [{"method": "LoRA", "seed": "0", "stage": str(s)} for s in (1, 2)]
+    done = cl.complete_runs(rows, 3)
+    assert list(done) == [("dowser", "0")] and [r["v"] for r in done["dowser", "0"]] == ["new"] * 3

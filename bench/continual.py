@@ -302,6 +302,11 @@ def report(path: Path, args: argparse.Namespace) -> Path | None:
         lines += ["", f"![continual]({png.name})"]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.tag == "-protocol":  # the default grid's block in docs/study.md
+        from forgetting import embed_in_docs
+
+        embed_in_docs([ln for ln in lines[2:] if not ln.startswith("![")], stem.with_suffix(".md"), png,
+                      grid="continual", script="bench/continual.py")
     return stem.with_suffix(".md")
 
 

@@ -259,3 +259,28 @@ def test_continual_resume_keeps_only_complete_runs():
     rows += [{"method": "LoRA", "seed": "0", "stage": str(s)} for s in (1, 2)]
     done = cl.complete_runs(rows, 3)
     assert list(done) == [("dowser", "0")] and [r["v"] for r in done["dowser", "0"]] == ["new"] * 3
+
+
+def test_continual_report_from_rows(tmp_path, monkeypatch):
+    import argparse
+
+    cl = _continual_bench()
+    monkeypatch.setattr(cl, "RESULTS", tmp_path)
+    tasks = ["alpha", "beta", "gamma"]
+    fields = ["method", "seed", "stage", "trained", "steps", "batch", "layers", "A_up", "CE_up", "train_s"] + tasks
+    path = tmp_path / "runs.csv"
+    cl.append_row(path, {"method": "zero-shot", "stage": 0, "A_up": 0.4, "CE_up": 3.0, "alpha": 0.0,
+                         "beta": 0.0, "gamma": 0.0}, fields)
+    acc = [[0.9, 0.1, 0.0], [0.6, 0.8, 0.2], [0.5, 0.4, 0.7]]
+    for seed in (0, 1):
+        for t, row in enumerate(acc, 1):
+            cl.append_row(path, {"method": "dowser", "seed": seed, "stage": t, "trained": tasks[t - 1], "steps": 2,
+                                 "batch": 4, "layers": 2, "A_up": 0.4, "CE_up": 3.5, "train_s": 1.0,
+                                 **dict(zip(tasks, row))}, fields)
+    cl.append_row(path, {"method": "LoRA", "seed": 0, "stage": 1, "steps": 2, "batch": 4, "layers": 2,
+                         "A_up": 0.4, "CE_up": 3.0, "alpha": 0.5, "beta": 0.0, "gamma": 0.0, "train_s": 1}, fields)
+    args = argparse.Namespace(tasks=tasks, methods=["dowser", "lora"], seeds=[0, 1], device="cpu", tag="-t")
+    md = cl.report(path, args).read_text()
+    assert "grid done: 2 of 4" in md
+    assert "| dowser | 2 | 0.800 ± 0.000 | 0.533 ± 0.000 | 0.711 ± 0.000 | -0.267 ± 0.000 | 0.400 ± 0.000 | 0.500 ± 0.000 | 0.457 ± 0.000 |" in md
+    assert "| LoRA |" not in md  # its run is incomplete

@@ -27,13 +27,15 @@ Differences from the authors' script, on purpose (docs/methods.md):
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
 
-from dowser.masks import MaskSet, _check_method, _rule_factors
 from dowser.probe.stats import ProbeStats
+
+if TYPE_CHECKING:
+    from dowser.masks import MaskSet
 
 __all__ = ["build_lora_masks", "axis_fraction", "axis_scores"]
 
@@ -85,7 +87,7 @@ def _random_axis(seed: int, name: str, n: int) -> torch.Tensor:
 
 def build_lora_masks(model: nn.Module, stats: ProbeStats | None = None, rho: float = 0.1, *,
                      method: str = "dowser", seed: int = 0, targets: Sequence[str] | None = None,
-                     adapter: str = "default") -> MaskSet:
+                     adapter: str = "default") -> "MaskSet":
     """Dowser-LoRA masks for the LoRA adapters of a PEFT model (the authors' LoRA variant).
 
     Args:
@@ -109,6 +111,7 @@ def build_lora_masks(model: nn.Module, stats: ProbeStats | None = None, rho: flo
     from dowser import __version__
     from dowser._artifacts import model_identity
     from dowser._checks import check_rho
+    from dowser.masks import MaskSet, _check_method, _rule_factors  # masks.py imports this module
     from dowser.ops import pack_mask
 
     rho = check_rho(rho)

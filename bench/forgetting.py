@@ -699,6 +699,16 @@ def _pareto(ax, runs: list[dict], zero: list[dict], layers: int, args: argparse.
 
 # ----------------------------------------------------------------------------- main
 
+def apply_grid(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """Fill in the preset of --grid for every setting the command line (argv) did not give."""
+    if args.grid is not None:
+        given = {a.split("=")[0] for a in argv if a.startswith("--")}
+        for key, value in GRIDS[args.grid].items():
+            if f"--{key}" not in given:
+                setattr(args, key, list(value) if isinstance(value, list) else value)
+    return args
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depths", type=int, nargs="+", default=[30, 8], help="tuned layers per regime, headline first")
@@ -733,12 +743,7 @@ def main() -> None:
     ap.add_argument("--lr-scale", type=float, default=1.0, help="multiply every lr of the grid")
     ap.add_argument("--tag", default="", help="infix of the output names (e.g. -smoke)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
-    args = ap.parse_args()
-    if args.grid is not None:  # a preset fills what the command line left at its default
-        given = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
-        for key, value in GRIDS[args.grid].items():
-            if f"--{key}" not in given:
-                setattr(args, key, list(value) if isinstance(value, list) else value)
+    args = apply_grid(ap.parse_args(), sys.argv[1:])
     torch.set_num_threads(args.threads)
     if args.lr_scale != 1.0:
         for c, (m, rho, probe, lrs) in list(CONFIGS.items()):

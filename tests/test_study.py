@@ -196,3 +196,14 @@ def test_new_curves_run_end_to_end_on_a_tiny_llama(study, config, tmp_path):
         # per LoRA layer: ~p of lora_B's rows and of lora_A's columns, r = LORA_RANKS entries each
         assert 0 < row["trainable"] < 8 * sum(m.in_features + m.out_features for n, m in model.named_modules()
                                               if n.endswith(study.TARGET_SUFFIXES))
+
+
+def test_grid_preset_fills_only_what_the_command_line_left(study):
+    argv = ["--grid", "gemma3", "--depths", "6", "--tag=-g6"]
+    args = argparse.Namespace(grid="gemma3", model="smollm2", task="cipher", depths=[6], configs=study.BASE_CONFIGS,
+                              tag="-g6")
+    study.apply_grid(args, argv)
+    assert args.model == "gemma3" and args.depths == [6] and args.tag == "-g6"
+    assert args.configs == study.GRIDS["gemma3"]["configs"] and args.configs is not study.GRIDS["gemma3"]["configs"]
+    plain = argparse.Namespace(grid=None, model="smollm2", configs=study.BASE_CONFIGS)
+    assert study.apply_grid(plain, []).model == "smollm2"

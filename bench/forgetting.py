@@ -510,7 +510,7 @@ def report(path: Path, args: argparse.Namespace) -> None:
     png = plot(runs, zero, args)
     if not args.tag:
         embed_in_docs(lines[2:], md, png)
-    elif grid_name:
+    elif grid_name and args.tag == GRIDS[grid_name]["tag"]:  # a preset's own CSV, not a smoke run
         embed_in_docs(lines[2:], md, png, grid=grid_name)
 
 

@@ -94,7 +94,7 @@ TASK_NAMES = {"cipher": "digit cipher", "facts": "facts about fictional people (
 GRIDS: dict[str, dict] = {
     "cipher": dict(model="smollm2", task="cipher", depths=[30, 8], configs=BASE_CONFIGS, tag=""),
     "lora-fair": dict(model="smollm2", task="cipher", depths=[30, 8],
-                      configs=["LoRA r8", "LoRA r32", "Dowser-LoRA 0.5"], tag="-lora"),
+                      configs=["LoRA r8", "LoRA r32", "Dowser-LoRA 0.5"], tag="-lora", join_tags=[""]),
     "facts": dict(model="smollm2", task="facts", depths=[30, 8], configs=BASE_CONFIGS, tag="-facts"),
     "gemma3": dict(model="gemma3", task="cipher", depths=[18],
                    configs=["full FT", "LoRA r8", "LoRA r32", "random 0.5", "magnitude 0.5", "wanda 0.5",
@@ -441,6 +441,9 @@ def report(path: Path, args: argparse.Namespace) -> None:
     _, total = grid([], args.depths, args.seeds, args.third_seed, configs)
     required = {run_key(c, L, lr, s) for (c, L, lr, s) in grid([], args.depths, args.seeds, None, configs)[0]}
     done_sweep = len(required & {row_key(r) for r in runs})
+    joined, join_note = joined_rows(args, runs, configs)
+    runs += joined
+    configs = list(dict.fromkeys(configs + [r["config"] for r in joined]))
     done_third = 0
     table, best = [], {}
     for layers in args.depths:
@@ -492,6 +495,8 @@ def report(path: Path, args: argparse.Namespace) -> None:
         lines += ["| " + " | ".join(str(t[c]) for c in cols) + " |" for t in table]
     else:
         lines += ["(no fine-tuning run finished yet)"]
+    if join_note:
+        lines += ["", join_note]
     lora_best = best_lora(best, args.depths)
     if lora_best:
         lines += ["", "LoRA row: " + "; ".join(f"{L} layers: {c}" for L, c in lora_best.items()) +
@@ -540,6 +545,25 @@ def embed_in_docs(lines: list[str], md: Path, png: Path | None, grid: str | None
     head, rest = text.split(begin, 1)
     DOCS.write_text(head + begin + "\n" + "\n".join(body) + "\n" + end + rest.split(end, 1)[1])
     print("updated", DOCS)
+
+
+def joined_rows(args: argparse.Namespace, runs: list[dict], configs: list[str]) -> tuple[list[dict], str]:
+    """Rows of other grids' runs CSVs (--join-tags) for the report only, so that a grid of a few
+    curves (lora-fair) is tabled and t-tested beside the cipher grid it extends: only curves this
+    grid lacks, only when the budget is the same. (rows, a line saying what was joined)"""
+    out, notes = [], []
+    for tag in getattr(args, "join_tags", None) or []:
+        other = runs_path(args.device, tag)
+        rows = [r for r in read_rows(other) if r["config"] not in ("zero-shot", *configs) and r["config"] in CONFIGS]
+        if not rows:
+            continue
+        if runs and _budget(rows) != _budget(runs):
+            notes.append(f"not joined: `{other.name}` ({_budget(rows)}; this grid: {_budget(runs)})")
+            continue
+        out += rows
+        notes.append(f"joined from `{other.name}` (same budget): "
+                     + ", ".join(dict.fromkeys(r["config"] for r in rows)))
+    return out, ("; ".join(notes) if notes else "")
 
 
 def ttest_pairs(configs: list[str]) -> list[tuple[str, str]]:
@@ -704,7 +728,7 @@ def apply_grid(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
     if args.grid is not None:
         given = {a.split("=")[0] for a in argv if a.startswith("--")}
         for key, value in GRIDS[args.grid].items():
-            if f"--{key}" not in given:
+            if f"--{key.replace('_', '-')}" not in given:
                 setattr(args, key, list(value) if isinstance(value, list) else value)
     return args
 
@@ -740,6 +764,8 @@ def main() -> None:
                     help="a preset of the widened study: its model, task, depths, configs and tag "
                          "(explicit flags override)")
     ap.add_argument("--task", choices=list(TASK_NAMES), default="cipher")
+    ap.add_argument("--join-tags", nargs="*", default=[], metavar="TAG",
+                    help="report only: also table the curves of these grids' runs CSVs (same budget)")
     ap.add_argument("--lr-scale", type=float, default=1.0, help="multiply every lr of the grid")
     ap.add_argument("--tag", default="", help="infix of the output names (e.g. -smoke)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")

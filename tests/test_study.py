@@ -115,3 +115,114 @@ def test_lora_baseline_counts_and_leaves_base_weights(study):
         opt.step()
         opt.zero_grad()
     assert study.frozen_changed(peft_model, before, None) == 0
+
+
+# --- the widened study (issue 28): presets, LoRA row, t-test pairs, facts task, Dowser-LoRA runs ---
+
+def test_grid_presets_name_real_configs_and_fair_lora_ranges(study):
+    tags = [g["tag"] for g in study.GRIDS.values()]
+    assert len(set(tags)) == len(tags)  # one runs CSV per grid
+    for name, g in study.GRIDS.items():
+        assert g["model"] in study.MODEL_NAMES and g["task"] in study.TASK_NAMES, name
+        assert all(c in study.CONFIGS for c in g["configs"]), name
+        todo, total = study.grid([], g["depths"], [0, 1], 2, g["configs"])
+        assert total == len(todo) == len(g["depths"]) * len(g["configs"]) * 7
+    assert study.GRIDS["cipher"]["configs"] == study.BASE_CONFIGS  # the default grid is unchanged
+    lora = [c for c in study.CONFIGS if study.CONFIGS[c][0] in ("lora", "dowser-lora") and c != "LoRA"]
+    assert {study.LORA_RANKS[c] for c in lora} >= {8, 32}
+    for c in lora:
+        lrs = study.CONFIGS[c][3]
+        assert max(lrs) >= 3e-3 - 1e-12 and max(lrs) / min(lrs) >= 10 - 1e-9, c
+    methods = {(study.CONFIGS[c][0], study.CONFIGS[c][1]) for c in study.GRIDS["gemma3"]["configs"]}
+    for rho in (0.1, 0.5):
+        assert {("random", rho), ("magnitude", rho), ("wanda", rho), ("dowser", rho)} <= methods
+    assert ("full", None) in methods and ("lora", None) in methods
+
+
+def test_ttest_pairs_and_the_lora_row(study):
+    pairs = study.ttest_pairs(study.GRIDS["gemma3"]["configs"] + ["Dowser-LoRA 0.5"])
+    assert ("dowser df 0.1", "random 0.1") in pairs and ("dowser df 0.1", "random 0.5") not in pairs
+    for other in ("magnitude 0.5", "wanda 0.5", "LoRA r8", "LoRA r32", "full FT"):
+        assert ("dowser df 0.5", other) in pairs
+    assert ("Dowser-LoRA 0.5", "LoRA r8") in pairs and ("random 0.5", "full FT") not in pairs
+    best = {("LoRA r8", 30): [_row(study, "LoRA r8", 30, 1e-3, s, val_h=0.3) for s in (0, 1)],
+            ("LoRA r32", 30): [_row(study, "LoRA r32", 30, 1e-3, s, val_h=0.4) for s in (0, 1)],
+            ("full FT", 30): [_row(study, "full FT", 30, 1e-4, s, val_h=0.9) for s in (0, 1)]}
+    assert study.best_lora(best, [30, 8]) == {30: "LoRA r32"}
+
+
+def test_facts_task_sets_hold_out_their_questions(study):
+    from dowser.tasks import CharTokenizer
+
+    tok = CharTokenizer()
+    test, val, train_of = study.task_sets("facts", tok, 1, 12, 12)
+    train = train_of(0)
+    assert len(test) == len(val) == 12 and train_of(1) == train
+    seen = {tuple(e.prompt) for e in train}
+    assert not seen & {tuple(e.prompt) for e in test + val}
+    c_test, c_val, c_train = study.task_sets("cipher", tok, 1, 5, 4)
+    assert not {tuple(e.prompt) for e in c_train(0)} & {tuple(e.prompt) for e in c_test + c_val}
+
+
+@pytest.mark.parametrize("config", ["Dowser-LoRA 0.5", "LoRA r8", "magnitude 0.1"])
+def test_new_curves_run_end_to_end_on_a_tiny_llama(study, config, tmp_path):
+    """Study.run on a random tiny Llama with the facts task: trains, counts, leaves frozen
+    entries (Dowser-LoRA: masked adapter entries and base weights) untouched."""
+    pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dowser.demo import DemoModel
+    from dowser.tasks import CharTokenizer, upstream_chunks
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256)).eval()
+    tok = CharTokenizer()
+    args = argparse.Namespace(model="tiny", task="facts", steps=2, every=1, batch=2, lora_rank=4, n_samples=2,
+                              rademacher=1, probe_len=8, progress=False, cache=str(tmp_path), device="cpu")
+    st = object.__new__(study.Study)
+    st.args, st.base, st.pad = args, model, 0
+    st.dm = DemoModel(model, tok, None, "tiny", 0, 1, 2)
+    up = upstream_chunks(tok, seq_len=16, n_chunks=3, bos_id=1)
+    st.up_test, st.up_val = up[:2], up[2:]
+    st.down_test, st.down_val, st.train_examples = study.task_sets("facts", tok, 1, 6, 6)
+    st.zero = {"acc": 0.0, "ce": 0.0}
+    st.cache = tmp_path
+    row = st.run(config, 2, study.CONFIGS[config][3][-1], 0)
+    assert row["frozen_changed"] == 0 and len(row["A_down_curve"].split()) == 2
+    if config == "Dowser-LoRA 0.5":
+        assert row["mask_method"] == "dowser-lora"
+        # per LoRA layer: ~p of lora_B's rows and of lora_A's columns, r = LORA_RANKS entries each
+        assert 0 < row["trainable"] < 8 * sum(m.in_features + m.out_features for n, m in model.named_modules()
+                                              if n.endswith(study.TARGET_SUFFIXES))
+
+
+def test_grid_preset_fills_only_what_the_command_line_left(study):
+    argv = ["--grid", "gemma3", "--depths", "6", "--tag=-g6"]
+    args = argparse.Namespace(grid="gemma3", model="smollm2", task="cipher", depths=[6], configs=study.BASE_CONFIGS,
+                              tag="-g6")
+    study.apply_grid(args, argv)
+    assert args.model == "gemma3" and args.depths == [6] and args.tag == "-g6"
+    assert args.configs == study.GRIDS["gemma3"]["configs"] and args.configs is not study.GRIDS["gemma3"]["configs"]
+    plain = argparse.Namespace(grid=None, model="smollm2", configs=study.BASE_CONFIGS)
+    assert study.apply_grid(plain, []).model == "smollm2"
+
+
+def test_report_joins_the_curves_of_another_grid_of_the_same_budget(study, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "RESULTS", tmp_path)
+    mine = [_row(study, "LoRA r8", 30, 1e-3, s, val_h=0.3, steps=48, batch=8) for s in (0, 1)]
+    base = [_row(study, c, 30, 1e-3, s, val_h=0.3, steps=48, batch=8) for c in ("dowser df 0.5", "LoRA r8")
+            for s in (0, 1)]
+    for name, rows in (("forgetting-runs-cpu.csv", base), ("forgetting-other-runs-cpu.csv",
+                                                            [dict(r, steps="24") for r in base])):
+        with open(tmp_path / name, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=study.FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    args = argparse.Namespace(join_tags=["", "-other"], device="cpu")
+    joined, note = study.joined_rows(args, mine, ["LoRA r8"])
+    assert {r["config"] for r in joined} == {"dowser df 0.5"} and len(joined) == 2  # its own curve not twice
+    assert "joined from `forgetting-runs-cpu.csv`" in note and "not joined: `forgetting-other-runs-cpu.csv`" in note
+    args = study.apply_grid(argparse.Namespace(grid="lora-fair", join_tags=[]), ["--grid", "lora-fair"])
+    assert args.join_tags == [""]

@@ -20,8 +20,12 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from axolotl.integrations.base import BasePlugin
-from pydantic import BaseModel
+try:
+    from axolotl.integrations.base import BasePlugin
+    from pydantic import BaseModel
+except ImportError as err:
+    raise ImportError(f"dowser.integrations.axolotl needs Axolotl ({err}): "
+                      'pip install "dowser[axolotl]" (in its own environment: it pins its stack)') from err
 
 from dowser.integrations._common import DowserSettings, setup_masks, write_delta
 

@@ -71,11 +71,20 @@ class DowserPlugin(BasePlugin):
         self.masks.save(out)
 
     def create_optimizer(self, cfg, trainer):
+        """The MaskedAdamW (the hook of Axolotl versions that call plugins' create_optimizer)."""
+        from dowser.integrations._common import is_masked_optimizer
         from dowser.integrations.hf import masked_optimizer
 
         if self.masks is None:
             raise RuntimeError("dowser: the model was not prepared (post_model_load did not run)")
-        return masked_optimizer(trainer.model, self.masks, trainer.args)
+        if not is_masked_optimizer(getattr(trainer, "optimizer", None)):
+            trainer.optimizer = masked_optimizer(trainer.model, self.masks, trainer.args)
+        return trainer.optimizer
+
+    def post_trainer_create(self, cfg, trainer) -> None:
+        # Axolotl 0.19 defines create_optimizer on plugins but never calls it; Trainer builds
+        # an optimizer only when it has none, so setting it here works with every version
+        self.create_optimizer(cfg, trainer)
 
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
         from dowser.integrations.hf import DowserCallback

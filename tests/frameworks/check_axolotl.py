@@ -59,7 +59,7 @@ def config(work: str, out: str, resume: str | None = None) -> str:
 
 def axolotl_train(cfg: str) -> float:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true", "ACCELERATE_USE_CPU": "1"}
+           "HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true", "AXOLOTL_DO_NOT_TRACK": "1", "ACCELERATE_USE_CPU": "1"}
     t0 = time.time()
     cli = shutil.which("axolotl")
     cmd = [cli, "train", cfg] if cli else [sys.executable, "-m", "axolotl.cli.train", cfg]

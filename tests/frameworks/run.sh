@@ -15,7 +15,7 @@ name=${1:?usage: run.sh axolotl|swift|llamafactory [WORKDIR]}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 VENV=${DOWSER_FRAMEWORK_VENVS:-$HOME/.cache/dowser-frameworks}/$name
 case $name in
-  axolotl) spec=("axolotl==0.21.0") ;;
+  axolotl) spec=("axolotl==0.19.0") ;;
   swift) spec=("ms-swift==4.6.0") ;;
   llamafactory) spec=("llamafactory==0.9.5") ;;
   *) echo "run.sh: unknown framework $name (axolotl, swift, llamafactory)" >&2; exit 2 ;;

@@ -27,7 +27,9 @@ except ImportError as err:
     raise ImportError(f"dowser.integrations.axolotl needs Axolotl ({err}): "
                       'pip install "dowser[axolotl]" (in its own environment: it pins its stack)') from err
 
-from dowser.integrations._common import DowserSettings, setup_masks, write_delta
+from dowser.integrations._common import (MASKS_FILE, DowserSettings, check_same_masks,
+                                         setup_masks, write_delta)
+from dowser.masks import MaskSet
 
 
 class DowserArgs(BaseModel):
@@ -85,6 +87,10 @@ class DowserPlugin(BasePlugin):
         # Axolotl 0.19 defines create_optimizer on plugins but never calls it; Trainer builds
         # an optimizer only when it has none, so setting it here works with every version
         self.create_optimizer(cfg, trainer)
+        resume = cfg.get("resume_from_checkpoint")
+        if isinstance(resume, str) and os.path.isfile(os.path.join(resume, MASKS_FILE)):
+            check_same_masks(self.masks, MaskSet.load(os.path.join(resume, MASKS_FILE)),
+                             f"dowser: checkpoint {resume}")
 
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
         from dowser.integrations.hf import DowserCallback

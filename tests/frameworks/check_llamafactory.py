@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 
-from tiny import PROBE, check_run, cipher_rows, write_jsonl, write_model
+from tiny import PROBE, assert_resumed, check_run, cipher_rows, write_jsonl, write_model
 
 
 def config(work: str, out: str, resume: str | None = None) -> str:
@@ -60,6 +60,7 @@ def main() -> None:
     ckpt = os.path.join(full, "checkpoint-3")
     assert os.path.isfile(os.path.join(ckpt, "dowser_masks.safetensors")), "no masks in checkpoint-3"
     t_res = launch(config(work, resumed, resume=ckpt))
+    assert_resumed(resumed)
     report = check_run(os.path.join(work, "model"), full, resumed,
                        os.path.join(full, "dowser_masks.safetensors"),
                        os.path.join(full, "dowser_delta.safetensors"))

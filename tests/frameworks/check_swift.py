@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 
-from tiny import PROBE, check_run, cipher_rows, write_jsonl, write_model
+from tiny import PROBE, assert_resumed, check_run, cipher_rows, write_jsonl, write_model
 
 
 def swift_sft(work: str, out: str, resume: str | None = None) -> float:
@@ -55,6 +55,7 @@ def main() -> None:
     assert os.path.isfile(os.path.join(ckpt, "dowser_masks.safetensors")), "no masks in checkpoint-3"
     t_res = swift_sft(work, resumed, resume=ckpt)
     # swift saves the final weights in the last checkpoint folder
+    assert_resumed(resumed)
     report = check_run(os.path.join(work, "model"), os.path.join(full, "checkpoint-6"),
                        os.path.join(resumed, "checkpoint-6"),
                        os.path.join(full, "dowser_masks.safetensors"),

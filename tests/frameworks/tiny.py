@@ -107,3 +107,11 @@ def check_run(base_dir: str, full_dir: str, resumed_dir: str | None, masks_file:
         for name, w in full.items():
             assert torch.equal(w, resumed[name]), f"{name}: resumed != uninterrupted"
     return {"masked_matrices": trained, "frozen_entries_checked": frozen_equal}
+
+
+def assert_resumed(out_dir: str) -> None:
+    """A run resumed from checkpoint 3 of 6 saves checkpoint-6 only: had it trained from scratch
+    (ending identical, training being deterministic) it would have saved checkpoint-3 too."""
+    assert os.path.isdir(os.path.join(out_dir, "checkpoint-6")), f"no checkpoint-6 in {out_dir}"
+    assert not os.path.exists(os.path.join(out_dir, "checkpoint-3")), \
+        f"{out_dir} has checkpoint-3: the run did not resume"

@@ -18,6 +18,7 @@ and `output_dir`; a resume with other masks is refused; the sparse delta is writ
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 try:
@@ -30,6 +31,22 @@ from dowser.integrations._common import DowserSettings
 from dowser.integrations._trainer import DowserRunCallback, masks_for_run
 
 NAME = "dowser"
+
+
+@contextlib.contextmanager
+def _torch_checkpoint():
+    """torch's own activation checkpoint while the probe runs. With gradient checkpointing on
+    (swift's default) swift replaces torch.utils.checkpoint.checkpoint by a wrapper that forces
+    its use_reentrant choice, and the reentrant variant refuses the keyword arguments that the
+    probe's per-layer checkpoint passes to Hugging Face decoder layers."""
+    import torch.utils.checkpoint as tuc
+
+    patched = tuc.checkpoint
+    tuc.checkpoint = getattr(tuc, "_old_checkpoint", patched)
+    try:
+        yield
+    finally:
+        tuc.checkpoint = patched
 
 
 def register(name: str = NAME, **settings: Any) -> type:
@@ -47,8 +64,9 @@ def register(name: str = NAME, **settings: Any) -> type:
                 raise ValueError("--optimizer dowser fine-tunes the base weights through masks; "
                                  "use --tuner_type full, not an adapter")
             tokenizer = getattr(getattr(self.trainer, "template", None), "tokenizer", None)
-            masks = masks_for_run(model, tokenizer, self.settings,
-                                  getattr(self.args, "resume_from_checkpoint", None))
+            with _torch_checkpoint():
+                masks = masks_for_run(model, tokenizer, self.settings,
+                                      getattr(self.args, "resume_from_checkpoint", None))
             self.trainer.add_callback(DowserRunCallback(masks, self.settings, model))
             return masked_optimizer(model, masks, self.args)
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from dowser.integrations._common import (MASKS_FILE, DowserSettings, setup_masks, write_delta)
+from dowser.integrations._common import (MASKS_FILE, DowserSettings, check_same_masks,
+                                         setup_masks, write_delta)
 from dowser.integrations.hf import DowserCallback
 from dowser.masks import MaskSet
 
@@ -23,8 +24,12 @@ def masks_for_run(model: nn.Module, tokenizer: Any, settings: DowserSettings,
         path = os.path.join(resume_from_checkpoint, MASKS_FILE)
         if os.path.isfile(path):
             # the frozen entries of a dowser fine-tune are the base's: the content check holds
-            return setup_masks(model, tokenizer, DowserSettings(**{
+            masks = setup_masks(model, tokenizer, DowserSettings(**{
                 **vars(settings), "masks": path}))
+            if settings.masks is not None:  # asked for a mask file: it must be the same masks
+                check_same_masks(MaskSet.load(settings.masks), masks,
+                                 f"dowser: checkpoint {resume_from_checkpoint}")
+            return masks
     return setup_masks(model, tokenizer, settings)
 
 

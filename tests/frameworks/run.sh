@@ -17,7 +17,7 @@ VENV=${DOWSER_FRAMEWORK_VENVS:-$HOME/.cache/dowser-frameworks}/$name
 case $name in
   axolotl) spec=("axolotl==0.19.0") ;;
   swift) spec=("ms-swift==4.6.0") ;;
-  llamafactory) spec=("llamafactory==0.9.5") ;;
+  llamafactory) spec=("llamafactory==0.9.5") ;;  # torchvision/torchaudio: see check_llamafactory.py
   *) echo "run.sh: unknown framework $name (axolotl, swift, llamafactory)" >&2; exit 2 ;;
 esac
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import dowser" 2>/dev/null; then

@@ -24,6 +24,12 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import dowser" 2>/dev
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "torch==2.13.0" "setuptools>=70.1"
   "$VENV/bin/pip" install -q "${spec[@]}" "torch==2.13.0"
+  if [ "$name" = llamafactory ]; then
+    # PyPI's torchvision/torchaudio for this torch are CUDA builds: torchvision breaks
+    # `import transformers` (RuntimeError: operator torchvision::nms does not exist) and
+    # torchaudio cannot load (libc10_cuda.so); the text-only run needs neither
+    "$VENV/bin/pip" uninstall -y -q torchvision torchaudio
+  fi
   DOWSER_NO_BUILD=1 "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e "$ROOT"
 fi
 "$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"

@@ -72,7 +72,7 @@ def main() -> None:
     os.makedirs(work, exist_ok=True)
     write_model(os.path.join(work, "model"))
     write_jsonl(os.path.join(work, "data.jsonl"),
-                [{"instruction": r["prompt"], "output": r["answer"]} for r in cipher_rows()])
+                [{"instruction": r["prompt"], "input": "", "output": r["answer"]} for r in cipher_rows()])
     with open(os.path.join(work, "dataset_info.json"), "w") as f:
         json.dump({"cipher": {"file_name": "data.jsonl"}}, f)
     full, resumed = os.path.join(work, "full"), os.path.join(work, "resumed")

@@ -200,24 +200,36 @@ def prepare(model: nn.Module, tokenizer: Any = None, rho: float = 0.1, layers: i
         masks = build_masks(model, stats, rho=rho, scope=scope)
     else:
         masks = build_masks_excluding(model, stats, protect, rho=rho, scope=scope)
+    freeze_outside_layers(model, list(stats), only=None if protect is None else list(masks))
+    return masks.bind(model)
+
+
+def freeze_outside_layers(model: nn.Module, modules: Sequence[str],
+                          only: Sequence[str] | None = None) -> None:
+    """requires_grad=True exactly for the parameters of the decoder layers (or, outside them,
+    the modules themselves) that hold one of `modules`; with `only` (parameter names), just
+    those of them. `prepare` freezes this way after probing; a run that loads a mask file
+    freezes the same way from the masks' module names."""
     units = set()
     try:
         prefix = decoder_layers(model)[0]
     except ValueError:
         prefix = None
-    for name in stats:
+    for name in modules:
         unit = name
         if prefix is not None and name.startswith(prefix + "."):
             idx = name[len(prefix) + 1:].split(".")[0]
             unit = f"{prefix}.{idx}"
         units.add(unit)
     named = dict(model.named_modules())
+    missing = [u for u in units if u not in named]
+    if missing:
+        raise ValueError(f"{type(model).__name__} has no module {missing[0]!r}")
     tuned = {id(p) for u in units for p in named[u].parameters()}
     params = dict(model.named_parameters())
-    masked = {id(params[n]) for n in masks}
+    chosen = None if only is None else {id(params[n]) for n in only}
     for p in model.parameters():
-        p.requires_grad_(id(p) in tuned and (protect is None or id(p) in masked))
-    return masks.bind(model)
+        p.requires_grad_(id(p) in tuned and (chosen is None or id(p) in chosen))
 
 
 def _precheck(model: nn.Module, protect: MaskSet, rho: float, scope: str, layers: int | None,

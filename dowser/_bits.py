@@ -23,7 +23,7 @@ def score_factors(out_factors: torch.Tensor, in_factors: torch.Tensor,
     """(row factors (B, d_out) = Psi * w / sum(w), column factors (B, d_in)), both fp32."""
     w = batch_weights.to(torch.float32)
     wn = w / w.sum()
-    return out_factors.to(torch.float32) * wn[:, None], in_factors.to(torch.float32)
+    return out_factors.to(torch.float32) * wn.unsqueeze(1), in_factors.to(torch.float32)
 
 
 def score_keys(s: torch.Tensor) -> torch.Tensor:

@@ -209,12 +209,14 @@ def select_masks(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], 
         raise ValueError(f"k must be in [0, {n}], got {k}")
     if k == 0:
         stats = torch.zeros(3, dtype=torch.int64, device=device)
-        stats[:1].fill_(-1)  # a fill is a launch; `t[0] = -1` would copy a host scalar (a sync)
+        stats.narrow(0, 0, 1).fill_(-1)  # a launch; `t[0] = -1` would copy a host scalar (a sync)
         return outs, stats
     # Filled on the device: `ctl[i] = v` would be a blocking host-to-device copy of a scalar.
+    # (narrow/select rather than Python indexing throughout: the same views, and they also
+    # trace under FakeTensorMode on CUDA devices of a CPU-only torch, see test_gpu_review.)
     ctl = torch.zeros(8, dtype=torch.int64, device=device)
-    ctl[_SHIFT:_SHIFT + 1].fill_(DIGITS[0][0])
-    ctl[_LEFT:_LEFT + 1].fill_(k)
+    ctl.narrow(0, _SHIFT, 1).fill_(DIGITS[0][0])
+    ctl.narrow(0, _LEFT, 1).fill_(k)
     hist = torch.zeros(NB, dtype=torch.int64, device=device)
     for i, (shift, _) in enumerate(DIGITS):
         for layer in layers:
@@ -231,10 +233,10 @@ def select_masks(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], 
     for n_counts in lens:
         starts.append(starts[-1] + n_counts + (n_counts & 1))
     counts = torch.zeros(starts[-1], dtype=torch.int64, device=device)
-    blocks = [counts[s:s + n_counts] for s, n_counts in zip(starts, lens)]
+    blocks = [counts.narrow(0, s, n_counts) for s, n_counts in zip(starts, lens)]
     for layer, block in zip(layers, blocks):
         _launch(layer, TIES, ctl, hist, block=block)
     counts.cumsum_(0)  # in (layer, index) order; the padding entries are 0
     for layer, block, out in zip(layers, blocks, outs):
         _launch(layer, WRITE, ctl, hist, prefix=block, out=out)
-    return outs, torch.stack([ctl[_T], ctl[_BELOW], ctl[_NEED]])
+    return outs, torch.stack([ctl.select(0, _T), ctl.select(0, _BELOW), ctl.select(0, _NEED)])

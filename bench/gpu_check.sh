@@ -75,6 +75,19 @@ step gpu-tests 110 $py -m pytest -q -x -m gpu -p no:cacheprovider
 step cuda-tests 120 $py -m pytest -q -p no:cacheprovider -k cuda \
   tests/test_select.py tests/test_pack.py tests/test_optim.py tests/test_optim_skip.py tests/test_opcheck.py
 step selfcheck 45 $py -m dowser.cli selfcheck
+
+# -- issue 31 (helper "gpu"): host syncs and device guards, for real ------------------------
+# The hot paths under torch.cuda.set_sync_debug_mode("error") on one GPU; with two GPUs, every
+# op on cuda:1 while cuda:0 is current (the device guard) and the one-device check. On CPU the
+# same classes of defect are counted by tests/test_gpu_review.py without a GPU.
+step sync-debug 60 $py -m pytest -q -p no:cacheprovider tests/test_gpu_review.py -k sync_debug_mode_on_gpu
+if [ "$($py -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  step two-gpus 60 $py -m pytest -q -p no:cacheprovider tests/test_gpu_review.py -k two_gpus
+else
+  echo "gpu_check: one GPU: the two-device test is not run"
+  echo "two-gpus,not run (one GPU),0," >>"$csv"
+fi
+# -- end of the issue 31 block ----------------------------------------------------------------
 step bench-select 120 $py bench/bench_select.py --device cuda --repeat 3
 step bench-optim 90 $py bench/bench_optim.py --device cuda --rounds 3 --processes 2
 if $py bench/bench_probe.py --help 2>/dev/null | grep -q -- "--device"; then

@@ -11,11 +11,11 @@ _CHUNK = 1 << 16  # words per step of the chunked scans: bounded temporaries (~0
 def _word_popcounts(words: torch.Tensor) -> torch.Tensor:
     """Set bits per int32 word (int64), by SWAR arithmetic: no lookup table, so nothing is
     copied from the host to the mask's device."""
-    x = words.to(torch.int64) & 0xFFFFFFFF
-    x = x - ((x >> 1) & 0x55555555)
-    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F
-    return ((x * 0x01010101) & 0xFFFFFFFF) >> 24
+    x = words.to(torch.int64).bitwise_and_(0xFFFFFFFF)  # in place below: 4 temporaries in all
+    x.sub_((x >> 1).bitwise_and_(0x55555555))
+    x = (x & 0x33333333).add_(x.bitwise_right_shift_(2).bitwise_and_(0x33333333))
+    x.add_(x >> 4).bitwise_and_(0x0F0F0F0F)
+    return x.mul_(0x01010101).bitwise_and_(0xFFFFFFFF).bitwise_right_shift_(24)
 
 
 def score_factors(out_factors: torch.Tensor, in_factors: torch.Tensor,
@@ -52,8 +52,8 @@ def word_offsets(packed: torch.Tensor) -> torch.Tensor:
     for start in range(0, words.numel(), _CHUNK):  # bounded temporaries for huge masks
         counts = _word_popcounts(words[start:start + _CHUNK])
         incl = torch.cumsum(counts, 0).add_(carry)
-        out[start:start + counts.numel()] = incl - counts
-        carry = incl[-1]
+        carry = incl[-1].clone()
+        out[start:start + counts.numel()] = incl.sub_(counts)
     return out
 
 

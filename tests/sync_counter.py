@@ -64,6 +64,7 @@ class WouldBeSyncs(TorchDispatchMode):
         self._device = WeakIdKeyDictionary()
         self.events: list[tuple[str, str]] = []
         self.host_reads = 0
+        self.bytes_allocated = 0  # new storage made by the ops seen (scratch and results)
         self.device(*device_tensors)
         self._patches: contextlib.ExitStack | None = None
 
@@ -106,6 +107,7 @@ class WouldBeSyncs(TorchDispatchMode):
     def reset(self) -> None:
         self.events.clear()
         self.host_reads = 0
+        self.bytes_allocated = 0
 
     def _sync(self, kind: str) -> None:
         self.events.append((kind, _where()))
@@ -132,6 +134,11 @@ class WouldBeSyncs(TorchDispatchMode):
             if self.is_device(dst) and isinstance(src, torch.Tensor) and not self.is_device(src):
                 self._sync("host-to-device copy (e.g. t[i] = python number)")
         out = func(*args, **kwargs)
+        inputs = {t.untyped_storage()._cdata for t in flat_in}
+        for t in tree_flatten(out)[0]:  # new storage (not a view or an input written in place)
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
+                inputs.add(t.untyped_storage()._cdata)
+                self.bytes_allocated += t.untyped_storage().nbytes()
         if name == "lift_fresh":  # torch.tensor(data): made on the host
             return out
         if on_device or (not flat_in and "device" in kwargs):

@@ -351,9 +351,9 @@ class MaskedAdamW(_MaskedOptimizer):
         def hook(p: torch.Tensor) -> None:
             self._queue_verdict()
             with torch.no_grad():
-                # one-pass in both modes: "check" writes nothing for a parameter whose
-                # gradient has a trainable NaN/Inf (the op's check mode), "skip" the finite
-                # entries; either way the verdict is read after the whole backward pass.
+                # the op in the optimizer's mode ("check" writes nothing for a parameter whose
+                # gradient has a trainable NaN/Inf, "skip" updates its finite entries); its
+                # count is read with every other hook's at the end of the backward pass.
                 self._update(group, [p], self._pending, deferred=True)
             p.grad = None  # free this gradient now: peak gradient memory is one parameter's
 
@@ -361,13 +361,11 @@ class MaskedAdamW(_MaskedOptimizer):
 
     def _queue_verdict(self) -> None:
         """Once per backward pass: read every hook's NaN/Inf count at its end (one sync)."""
-        task_id = getattr(torch._C, "_current_graph_task_id", lambda: None)()
-        if task_id is not None and task_id == self._pending_task:
+        task_id = torch._C._current_graph_task_id()  # this backward pass (torch >= 2.1)
+        if task_id == self._pending_task:
             return
-        if task_id is None and self._pending_task is not None:
-            return  # (torch without graph task ids: one callback while one is pending)
         self._pending.clear()  # left by a backward pass that failed before its end
-        self._pending_task = -1 if task_id is None else task_id
+        self._pending_task = task_id
         torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
 
     def _finish_backward(self) -> None:

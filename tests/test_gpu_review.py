@@ -539,3 +539,35 @@ def test_two_gpus():
                                            [p0.clone(), p1.clone()], [None, None], [None, None],
                                            [1.0, 1.0], 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False,
                                            [None, None])
+
+
+@pytest.mark.gpu
+def test_cuda_step_checks_its_inputs():
+    """The CUDA op refuses what the CPU op refuses (csrc/cpu/masked_adamw.cpp), before any
+    launch: mask and offsets dtype, contiguity, size and device."""
+    from tests.conftest import backend_fn
+
+    step = backend_fn("masked_adamw_step", "cuda", "cuda")
+    d = torch.device("cuda")
+    p, g = torch.zeros(100, device=d), torch.zeros(100, device=d)
+    mask = pack_mask(torch.rand(100) < 0.5).to(d)
+    off = _bits.word_offsets(mask)
+    k = _bits.count_trainable(mask, off)
+
+    def run(mask=mask, off=off, state=None):
+        st = state if state is not None else torch.zeros(k, device=d)
+        return step([p], [g], [st], [st.clone()], [mask], [off], [1.0], 1e-3, 0.9, 0.999, 1e-8,
+                    0.0, False, False, [None])
+
+    run()  # valid
+    bad_inputs = {
+        "mask must be": dict(mask=mask.to(torch.int64)),
+        "mask must be ": dict(mask=torch.stack([mask, mask], 1)[:, 0]),  # non-contiguous
+        "offsets must be": dict(off=off.to(torch.int64)),
+        "offsets must be ": dict(off=off.cpu()),
+        "offsets must be  ": dict(off=off[:-1]),
+        "mask must be  ": dict(mask=mask.cpu()),
+    }
+    for what, kw in bad_inputs.items():
+        with pytest.raises((RuntimeError, ValueError), match=what.strip() + "|one device"):
+            run(**kw)

@@ -21,6 +21,7 @@
 #include <cuda_runtime.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cassert>
 #include <cmath>
 #include <cstdint>

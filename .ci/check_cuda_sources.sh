@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile every csrc/cuda/*.cu with nvcc (sm_80 and sm_90 codegen) so GPU code never rots on
+# Compile every csrc/cuda/*.cu with nvcc (the build's arch flags) so GPU code never rots on
 # CPU-only CI. The .cu files include only torch/extension.h (+ torch/library.h) and the CUDA
 # runtime, which the CPU torch wheel's headers support. ptxas reports registers and spills of
 # every kernel; any spill fails the check.
@@ -22,6 +22,15 @@ incs = include_paths() + [sysconfig.get_paths()["include"]]
 print(" ".join("-I" + p for p in incs), f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
 PY
 )
+# The build's own architecture flags (dowser/_build_config.py: sm_80 + sm_90 SASS, compute_90
+# PTX), so this check compiles exactly what setup.py builds.
+arch=$(python - <<'PY'
+import importlib.util
+spec = importlib.util.spec_from_file_location("bc", "dowser/_build_config.py")
+bc = importlib.util.module_from_spec(spec); spec.loader.exec_module(bc)
+print(" ".join(bc.CUDA_ARCH_FLAGS))
+PY
+)
 # csrc/include holds shared headers (dowser/update_math.h) when present.
 [ -d csrc/include ] && flags="$flags -Icsrc/include"
 out=$(mktemp -d)
@@ -33,7 +42,7 @@ for f in "${files[@]}"; do
   # shellcheck disable=SC2086
   (nvcc -std=c++17 -O3 --fmad=false -c "$f" $flags -DDOWSER_WITH_CUDA -DTORCH_EXTENSION_NAME=_C \
     -Xptxas -v -diag-suppress 3306 \
-    -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 \
+    $arch \
     -o "$out/$(basename "$f").o" >"$log" 2>&1; echo $? >"$log.rc") &
   pids+=($!)
 done
@@ -57,5 +66,5 @@ for f in "${files[@]}"; do
     END { exit bad }' "$log" >"$log.regs" || { echo "check_cuda_sources: spills in $f"; status=1; }
   if command -v c++filt >/dev/null; then c++filt <"$log.regs"; else cat "$log.regs"; fi
 done
-[ $status -eq 0 ] && echo "check_cuda_sources: ${#files[@]} file(s) compiled for sm_80 and sm_90, no spills"
+[ $status -eq 0 ] && echo "check_cuda_sources: ${#files[@]} file(s) compiled ($arch), no spills"
 exit $status

@@ -81,6 +81,19 @@ step bench-suite 200 $py -m pytest bench/ --benchmark-only --devices cuda -q -p 
   --benchmark-json="$out/suite-$tag.json"
 step bench-report 30 $py bench/report.py "$out/suite-$tag.json"
 
+# -- issue 31: host syncs and device guards, for real ------------------------
+# The hot paths under torch.cuda.set_sync_debug_mode("error") on one GPU; with two GPUs, every
+# op on cuda:1 while cuda:0 is current (the device guard) and the one-device check. On CPU the
+# same classes of defect are counted by tests/test_gpu_review.py without a GPU.
+step sync-debug 60 $py -m pytest -q -p no:cacheprovider tests/test_gpu_review.py -k sync_debug_mode_on_gpu
+if [ "$($py -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  step two-gpus 60 $py -m pytest -q -p no:cacheprovider tests/test_gpu_review.py -k two_gpus
+else
+  echo "gpu_check: one GPU: the two-device test is not run"
+  echo "two-gpus,not run (one GPU),0," >>"$csv"
+fi
+# -- end of the issue 31 block ----------------------------------------------------------------
+
 total=$(( $(date +%s) - start ))
 {
   echo "# gpu_check on $device"

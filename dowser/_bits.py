@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import torch
 
-_POPCOUNT8 = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int32)
+_CHUNK = 1 << 16  # words per step of the chunked scans: bounded temporaries (~0.5 MB each)
+
+
+def _word_popcounts(words: torch.Tensor) -> torch.Tensor:
+    """Set bits per int32 word (int64), by SWAR arithmetic: no lookup table, so nothing is
+    copied from the host to the mask's device."""
+    x = words.to(torch.int64).bitwise_and_(0xFFFFFFFF)  # in place below: 4 temporaries in all
+    x.sub_((x >> 1).bitwise_and_(0x55555555))
+    x = (x & 0x33333333).add_(x.bitwise_right_shift_(2).bitwise_and_(0x33333333))
+    x.add_(x >> 4).bitwise_and_(0x0F0F0F0F)
+    return x.mul_(0x01010101).bitwise_and_(0xFFFFFFFF).bitwise_right_shift_(24)
 
 
 def score_factors(out_factors: torch.Tensor, in_factors: torch.Tensor,
@@ -13,7 +23,7 @@ def score_factors(out_factors: torch.Tensor, in_factors: torch.Tensor,
     """(row factors (B, d_out) = Psi * w / sum(w), column factors (B, d_in)), both fp32."""
     w = batch_weights.to(torch.float32)
     wn = w / w.sum()
-    return out_factors.to(torch.float32) * wn[:, None], in_factors.to(torch.float32)
+    return out_factors.to(torch.float32) * wn.unsqueeze(1), in_factors.to(torch.float32)
 
 
 def score_keys(s: torch.Tensor) -> torch.Tensor:
@@ -34,17 +44,16 @@ def key_to_float(key: int) -> float:
 
 def word_offsets(packed: torch.Tensor) -> torch.Tensor:
     """Exclusive prefix sum of the per-word popcounts of a packed mask (int32, one per word):
-    the compact-state index of the first trainable entry of each word."""
-    table = _POPCOUNT8.to(packed.device)
+    the compact-state index of the first trainable entry of each word. The running sum stays
+    on the mask's device (no host synchronisation)."""
     words = packed.contiguous()
     out = torch.empty(words.numel(), dtype=torch.int32, device=packed.device)
-    carry = 0
-    for start in range(0, words.numel(), 1 << 14):  # bounded temporaries (~1 MB) for huge masks
-        chunk = words[start:start + (1 << 14)]
-        counts = table[chunk.view(torch.uint8).to(torch.int64)].view(-1, 4).sum(dim=1, dtype=torch.int64)
-        incl = torch.cumsum(counts, 0) + carry
-        out[start:start + chunk.numel()] = (incl - counts).to(torch.int32)
-        carry = int(incl[-1])
+    carry = torch.zeros((), dtype=torch.int64, device=packed.device)
+    for start in range(0, words.numel(), _CHUNK):  # bounded temporaries for huge masks
+        counts = _word_popcounts(words[start:start + _CHUNK])
+        incl = torch.cumsum(counts, 0).add_(carry)
+        carry = incl[-1].clone()
+        out[start:start + counts.numel()] = incl.sub_(counts)
     return out
 
 
@@ -54,15 +63,13 @@ def count_trainable(packed: torch.Tensor, offsets: torch.Tensor | None = None) -
         return 0
     if offsets is None:
         offsets = word_offsets(packed)
-    last = int(packed[-1].item()) & 0xFFFFFFFF
-    return int(offsets[-1].item()) + bin(last).count("1")
+    return int(offsets[-1:].to(torch.int64) + _word_popcounts(packed[-1:]))  # one host read
 
 
 def popcount(packed: torch.Tensor) -> int:
-    """Number of set bits (trainable entries) of a packed mask."""
-    table = _POPCOUNT8.to(packed.device)
-    as_bytes = packed.contiguous().view(torch.uint8)
-    total = 0
-    for chunk in as_bytes.split(1 << 22):  # bounded temporaries for huge masks
-        total += int(table[chunk.to(torch.int64)].sum())
-    return total
+    """Number of set bits (trainable entries) of a packed mask (one host read)."""
+    words = packed.contiguous().view(-1)
+    total = torch.zeros((), dtype=torch.int64, device=packed.device)
+    for start in range(0, words.numel(), _CHUNK):  # bounded temporaries for huge masks
+        total += _word_popcounts(words[start:start + _CHUNK]).sum()
+    return int(total)

@@ -14,6 +14,7 @@ host and a wheel runs on any CPU of its architecture.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 # Host C++ flags of every unit. -fno-math-errno keeps sqrtf one (vectorisable) instruction; it
@@ -23,7 +24,12 @@ CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-ffp-contract=
 # expression from being contracted too, and the host side gets the same contraction rule.
 NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false", "-Xcompiler", "-ffp-contract=off"]
 LD_FLAGS = ["-fopenmp"]
-CUDA_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+# Machine code (SASS) for sm_80 (A100; runs on every 8.x: A10, L4, RTX 30/40) and sm_90 (H100/H200),
+# plus compute_90 PTX, which the driver JIT-compiles for any newer GPU (Blackwell sm_100/sm_120)
+# on first use. Nothing runs on sm_70/sm_75 (V100, T4): `_registry._cpp_unavailable` then
+# reports the cuda backend unavailable and the op falls back (Triton or the reference).
+CUDA_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                   "-gencode=arch=compute_90,code=compute_90"]
 # Flags a user's CFLAGS/CXXFLAGS must not bring in: they change the rounding of the kernels or
 # what the DEFAULT path may assume about the CPU.
 FORBIDDEN = ("-march=native", "-ffast-math", "-Ofast", "-ffp-contract=fast", "-funsafe-math-optimizations")
@@ -61,6 +67,29 @@ def cxx_flags(with_cuda: bool) -> list[str]:
 def nvcc_flags() -> list[str]:
     arch = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else CUDA_ARCH_FLAGS
     return NVCC_FLAGS + arch + ["-DDOWSER_WITH_CUDA"]
+
+
+def emitted_archs(flags: list[str]) -> tuple[set[int], set[int]]:
+    """(SASS architectures, PTX architectures) that nvcc `flags` embed, from their -gencode
+    options: {80, 90}, {90} for CUDA_ARCH_FLAGS."""
+    sass, ptx = set(), set()
+    for flag in flags:
+        m = re.fullmatch(r"-gencode=arch=compute_(\d+),code=(.+)", flag)
+        if not m:
+            continue
+        for code in m.group(2).strip("[]\"'").split(","):
+            kind, num = re.fullmatch(r"(sm|compute)_(\d+)", code).groups()
+            (sass if kind == "sm" else ptx).add(int(num))
+    return sass, ptx
+
+
+def runs_on(capability: tuple[int, int], flags: list[str]) -> bool:
+    """Whether code built with `flags` runs on a GPU of `capability` (major, minor): SASS of
+    sm_XY runs on X.Z for Z >= Y (same major); PTX of compute_XY is JIT-compiled for any
+    capability >= X.Y."""
+    sass, ptx = emitted_archs(flags)
+    cc = capability[0] * 10 + capability[1]
+    return any(a // 10 == capability[0] and a <= cc for a in sass) or any(a <= cc for a in ptx)
 
 
 def forbidden_env_flags(environ=os.environ) -> list[str]:

@@ -69,6 +69,10 @@ def _cpp_unavailable(symbol: str | None, op: str | None) -> Callable[[str], str 
             return f"C++ extension unavailable: {_ext.info()['reason']}"
         if device == "cuda" and not _ext.with_cuda():
             return "dowser._C was built without CUDA"
+        if device == "cuda":
+            why = _cuda_arch_unavailable()
+            if why is not None:
+                return why
         if symbol is not None and not _ext.has(symbol):
             return f"dowser._C has no {symbol}"
         if op is not None:
@@ -78,6 +82,33 @@ def _cpp_unavailable(symbol: str | None, op: str | None) -> Callable[[str], str 
         return None
 
     return check
+
+
+# Per visible GPU: None when dowser._C's CUDA kernels have an image for it, else why not.
+_arch_verdicts: dict[int, str | None] = {}
+
+
+def _cuda_arch_unavailable() -> str | None:
+    """Why dowser._C's CUDA kernels cannot run on some visible GPU (an architecture the build
+    has neither SASS nor PTX for: sm_70/75), or None. Asked once per device, of the CUDA
+    runtime (`dowser_C::cuda_kernel_image`, csrc/cuda/device_check.cu); a build without that
+    probe is judged from the architecture flags of dowser/_build_config.py."""
+    from dowser import _build_config
+
+    for i in range(torch.cuda.device_count()):
+        if i not in _arch_verdicts:
+            major, minor = torch.cuda.get_device_capability(i)
+            if hasattr(torch.ops.dowser_C, "cuda_kernel_image"):
+                err = torch.ops.dowser_C.cuda_kernel_image(i)
+            else:
+                err = "" if _build_config.runs_on((major, minor), _build_config.CUDA_ARCH_FLAGS) \
+                    else "no kernel image is available"
+            _arch_verdicts[i] = None if not err else (
+                f"dowser._C cannot run on cuda:{i} (compute capability {major}.{minor}): {err} "
+                "(architectures: docs/gpu.md)")
+        if _arch_verdicts[i] is not None:
+            return _arch_verdicts[i]
+    return None
 
 
 def _triton_unavailable(device: str) -> str | None:

@@ -158,10 +158,17 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         for st in self.state.values():
             st.pop("master", None)
 
-    def _raise_bad(self, bad: torch.Tensor, params: list[torch.Tensor], skipped: bool = False) -> None:
+    def _raise_bad(self, bad: torch.Tensor, params: list[torch.Tensor], skipped: bool = False,
+                   partial: bool = False) -> None:
+        # One host read of the verdict (the sync a step makes by design); the counts are
+        # copied to the host only when there is something to report.
         if bool(bad.any()):
             counts = bad.tolist()
             which = ", ".join(f"{self._name(p)} ({c})" for p, c in zip(params, counts) if c)
+            if partial:  # step_in_backward, atomic mode: each hook stepped its own parameter
+                raise ValueError(f"NaN/Inf gradient in trainable entries of {which}: those "
+                                 "parameters were not updated; step_in_backward updated every "
+                                 "other parameter in its gradient hook")
             if skipped:
                 raise ValueError(f"NaN/Inf gradient in trainable entries of {which}: "
                                  "nonfinite='skip' left those entries (param and state) unchanged "
@@ -177,9 +184,9 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         if len(calls) < 2:
             return False
         counts = [torch.ops.dowser.count_nonfinite([local_tensor(p.grad) for p in plist],
-                                                   [self._masks.get(p) for p in plist]).cpu()
+                                                   [self._masks.get(p) for p in plist])
                   for plist in calls]
-        self._raise_bad(torch.cat(counts), [p for plist in calls for p in plist])
+        self._raise_bad(_gather_counts(counts), [p for plist in calls for p in plist])
         return True
 
     def _grouped(self, group: dict, params: list[torch.Tensor] | None = None):
@@ -250,6 +257,13 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                          f"expected {want}: it was saved with another mask")
 
 
+def _gather_counts(counts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-call NaN/Inf counts as one tensor on the first call's device (device-to-device
+    copies: no host synchronisation until the caller reads the verdict)."""
+    device = counts[0].device
+    return torch.cat([c.to(device) for c in counts])
+
+
 def _check_hyper(lr: float, eps: float | None, weight_decay: float) -> None:
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
@@ -318,6 +332,10 @@ class MaskedAdamW(_MaskedOptimizer):
         self.nonfinite = nonfinite
         self.step_in_backward = bool(step_in_backward)
         self._hooks: list = []
+        # step_in_backward: the hooks' NaN/Inf counts, read once at the end of the backward
+        # pass (an autograd engine callback), not once per parameter.
+        self._pending: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        self._pending_task: int | None = None
         if self.step_in_backward:
             if any(local_tensor(p) is not p for g in self.param_groups for p in g["params"]):
                 raise ValueError("step_in_backward=True does not support FSDP2 (DTensor) "
@@ -331,11 +349,40 @@ class MaskedAdamW(_MaskedOptimizer):
 
     def _make_hook(self, group: dict) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
+            self._queue_verdict()
             with torch.no_grad():
-                self._step_params(group, [p])
+                # the op in the optimizer's mode ("check" writes nothing for a parameter whose
+                # gradient has a trainable NaN/Inf, "skip" updates its finite entries); its
+                # count is read with every other hook's at the end of the backward pass.
+                self._update(group, [p], self._pending, deferred=True)
             p.grad = None  # free this gradient now: peak gradient memory is one parameter's
 
         return hook
+
+    def _queue_verdict(self) -> None:
+        """Once per backward pass: read every hook's NaN/Inf count at its end (one sync)."""
+        task_id = torch._C._current_graph_task_id()  # this backward pass (torch >= 2.1)
+        if task_id == self._pending_task:
+            return
+        self._pending.clear()  # left by a backward pass that failed before its end
+        self._pending_task = task_id
+        torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+
+    def _finish_backward(self) -> None:
+        pending, self._pending = self._pending, []
+        self._pending_task = None
+        if not pending:
+            return
+        params = [p for _, plist in pending for p in plist]
+        bad = _gather_counts([b for b, _ in pending])
+        if not bool(bad.any()):  # the one host read of this backward pass
+            return
+        if self.nonfinite == "check":  # their op wrote nothing: their step did not happen
+            for p, c in zip(params, bad.tolist()):
+                if c:
+                    self.state[p]["step"] -= 1.0
+            self._raise_bad(bad, params, partial=True)
+        self._raise_bad(bad, params, skipped=True)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, grads_finite: bool = False) -> Any:
@@ -354,26 +401,26 @@ class MaskedAdamW(_MaskedOptimizer):
         if self.step_in_backward:
             return loss
         skipped: list = []
-        checked = self.nonfinite == "check" and (bool(grads_finite) or self._check_all())
+        # verified: a count over every group found no trainable NaN/Inf, so the ops' own counts
+        # are zero and need no second host read (at most one sync per step).
+        verified = self.nonfinite == "check" and not grads_finite and self._check_all()
+        checked = self.nonfinite == "check" and (bool(grads_finite) or verified)
         for group in self.param_groups:
             self._update(group, None, skipped, checked)
-        self._raise_skipped(skipped)  # nonfinite="skip": after every group was stepped
+        if not verified:
+            self._raise_skipped(skipped)  # nonfinite="skip": after every group was stepped
         return loss
-
-    def _step_params(self, group: dict, params: list[torch.Tensor] | None) -> None:
-        skipped: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
-        self._update(group, params, skipped)
-        self._raise_skipped(skipped)
 
     def _raise_skipped(self, skipped: list) -> None:
         if skipped:
-            bad = torch.cat([b.cpu() for b, _ in skipped])
+            bad = _gather_counts([b for b, _ in skipped])
             self._raise_bad(bad, [p for _, plist in skipped for p in plist], skipped=True)
 
     def _update(self, group: dict, params: list[torch.Tensor] | None, skipped: list,
-                checked: bool = False) -> None:
+                checked: bool = False, deferred: bool = False) -> None:
         # checked: every gradient is known finite, so the op's one-pass mode writes the same
-        # bits as its checking mode, without the second read.
+        # bits as its checking mode, without the second read. deferred (step_in_backward):
+        # the counts go to `skipped` unread, whatever the mode.
         beta1, beta2 = group["betas"]
         one_pass = self.nonfinite == "skip" or checked
         for plist in self._grouped(group, params):
@@ -395,8 +442,8 @@ class MaskedAdamW(_MaskedOptimizer):
                 [local_tensor(p) for p in plist], grads, m, v, masks, offs, steps, float(group["lr"]), float(beta1),
                 float(beta2), float(group["eps"]), float(group["weight_decay"]),
                 bool(group["maximize"]), one_pass, *master_args(masters))
-            if one_pass:  # the step happened: count it; report (skip mode) after all groups
-                for p in plist:
+            if one_pass or deferred:  # counted now (check mode undoes it for a NaN/Inf
+                for p in plist:       # parameter, see _finish_backward); read after all groups
                     self.state[p]["step"] += 1.0
                 skipped.append((bad, plist))
                 continue
@@ -444,7 +491,7 @@ class MaskedSGD(_MaskedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_all()
+        verified = self._check_all()  # then the ops' own counts are zero: not read again
         for group in self.param_groups:
             has_momentum = group["momentum"] != 0
             for plist in self._grouped(group):
@@ -464,7 +511,8 @@ class MaskedSGD(_MaskedOptimizer):
                     float(group["momentum"]), float(group["dampening"]),
                     float(group["weight_decay"]), bool(group["nesterov"]), bool(group["maximize"]),
                     *master_args(masters))
-                self._raise_bad(bad, plist)
+                if not verified:
+                    self._raise_bad(bad, plist)
                 if has_momentum:
                     for p, b in zip(plist, bufs):
                         self.state[p]["momentum_buffer"] = b

@@ -127,7 +127,12 @@ def scores(weight: torch.Tensor, out_factors: torch.Tensor, in_factors: torch.Te
            batch_weights: torch.Tensor) -> torch.Tensor:
     """Materialised fp32 score matrix (d_out, d_in)."""
     pw, a = score_factors(out_factors, in_factors, batch_weights)
-    return weight.abs().to(torch.float32) * (pw.t() @ a)
+    # The rank-B product in fp64, rounded once to fp32: an fp32 matmul on a GPU follows the
+    # global TF32 switch (HF `tf32=True`, torch.set_float32_matmul_precision("high")), which
+    # would break this fallback's 1e-5-versus-fp64 contract; fp64 never uses TF32, and needs
+    # no change of (or race on) global state.
+    r = (pw.t().to(torch.float64) @ a.to(torch.float64)).to(torch.float32)
+    return weight.abs().to(torch.float32) * r
 
 
 def scores64(weight: torch.Tensor, out_factors: torch.Tensor, in_factors: torch.Tensor,

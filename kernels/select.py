@@ -11,14 +11,15 @@ fp32 scores, selected in three 11/11/10-bit digits (as CUB and RAFT do):
   TIES       ties (key == T) per block (per row and column tile for 2-D tiles), only when some
              ties at T must be left out; otherwise its loads are masked off (no traffic).
   WRITE      whole words: bit = key < T or (key == T and tie rank < k - count below), the rank
-             from an exclusive scan of the TIES counts in flat (layer, index) order.
+             from an in-place inclusive scan of the TIES counts in flat (layer, index) order
+             minus the block's own count.
 The threshold state (prefix, T, count below, ties needed) lives in a small device tensor that
 the kernels read and a one-program kernel updates after each HIST pass (`_find_bin_kernel`:
 one launch, not a string of small torch ops), so a selection makes no host synchronisation; the only integer
 arguments are shapes and strides, marked do_not_specialize (one compile per dtype, layout and
 mode, whatever the shapes, B or k).
-Memory: a 2048-bin histogram, one count per block (n / 1024 or d_out * d_in / 128) and the
-output words.
+Memory: a 2048-bin histogram, one int64 tie count per block (n / 1024 or d_out * d_in / 128,
+scanned in place) and the output words.
 """
 
 from __future__ import annotations
@@ -114,7 +115,10 @@ def _pass_kernel(w_ptr, s0, s1, p_ptr, a_ptr, d_out, d_in, B, n,
         tie = (valid & (key == T)).to(tl.int32)
         per_word = tl.sum(tie, axis=1)
         before_word = tl.cumsum(per_word, axis=0) - per_word
-        rank = tl.load(prefix_ptr + pid) + (before_word[:, None] + tl.cumsum(tie, axis=1) - 1)
+        # prefix_ptr holds the inclusive scan of the TIES counts: take this block's own ties
+        # back out (they were counted only when some tie is left out, see MODE 1).
+        own = tl.where(tl.load(ctl_ptr + 5) != 0, tl.sum(per_word, axis=0), 0)
+        rank = (tl.load(prefix_ptr + pid) - own) + (before_word[:, None] + tl.cumsum(tie, axis=1) - 1)
         on = valid & ((key < T) | ((tie != 0) & (rank < need)))
         bits = on.to(tl.int32) << tl.arange(0, 32)[None, :]
         # Disjoint bits: the sum is an OR (and wraps into the sign bit exactly like one).
@@ -147,7 +151,8 @@ def _pass_tile_kernel(w_ptr, s0, s1, p_ptr, a_ptr, d_out, d_in, B, n_ct,
         T = tl.load(ctl_ptr + 3).to(tl.uint32)
         need = tl.load(ctl_ptr + 4)
         tie = (valid & (key == T)).to(tl.int32)
-        before = tl.load(prefix_ptr + rows * n_ct + pid_n, mask=rows < d_out, other=0)
+        own = tl.where(tl.load(ctl_ptr + 5) != 0, tl.sum(tie, axis=1), 0)  # inclusive -> exclusive
+        before = tl.load(prefix_ptr + rows * n_ct + pid_n, mask=rows < d_out, other=0) - own
         rank = before[:, None] + (tl.cumsum(tie, axis=1) - 1)
         on = valid & ((key < T) | ((tie != 0) & (rank < need)))
         bits = on.to(tl.int32) << (tl.arange(0, BN) % 32)[None, :]
@@ -203,25 +208,35 @@ def select_masks(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], 
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}], got {k}")
     if k == 0:
-        return outs, torch.tensor([-1, 0, 0], dtype=torch.int64, device=device)
-    # Filled in place (no host-to-device copy, no synchronisation).
+        stats = torch.zeros(3, dtype=torch.int64, device=device)
+        stats.narrow(0, 0, 1).fill_(-1)  # a launch; `t[0] = -1` would copy a host scalar (a sync)
+        return outs, stats
+    # Filled on the device: `ctl[i] = v` would be a blocking host-to-device copy of a scalar.
+    # (narrow/select rather than Python indexing throughout: the same views, and they also
+    # trace under FakeTensorMode on CUDA devices of a CPU-only torch, see test_gpu_review.)
     ctl = torch.zeros(8, dtype=torch.int64, device=device)
-    ctl[_SHIFT] = DIGITS[0][0]
-    ctl[_LEFT] = k
+    ctl.narrow(0, _SHIFT, 1).fill_(DIGITS[0][0])
+    ctl.narrow(0, _LEFT, 1).fill_(k)
     hist = torch.zeros(NB, dtype=torch.int64, device=device)
     for i, (shift, _) in enumerate(DIGITS):
         for layer in layers:
             _launch(layer, HIST, ctl, hist)
         next_shift, next_pmask = DIGITS[i + 1] if i + 1 < len(DIGITS) else (0, 0)
         launch(_find_bin_kernel, (1,), hist, ctl, shift, next_shift, _signed32(next_pmask), NB=NB)
-    blocks = [torch.zeros(_counts_len(w), dtype=torch.int64, device=device) for w, _, _ in layers]
+    # One int64 buffer for every layer's tie counts, scanned in place (inclusive; the WRITE
+    # pass subtracts its own count): no cat, no second array. Each layer's segment starts at
+    # an even index, so every view is 16-byte aligned (Triton specialises pointers on it: an
+    # odd start would compile a second WRITE kernel at run time). int64, not int32: the scan
+    # counts ties over all layers, which may exceed 2**31 in a global selection of a 7B model.
+    lens = [_counts_len(w) for w, _, _ in layers]
+    starts = [0]
+    for n_counts in lens:
+        starts.append(starts[-1] + n_counts + (n_counts & 1))
+    counts = torch.zeros(starts[-1], dtype=torch.int64, device=device)
+    blocks = [counts.narrow(0, s, n_counts) for s, n_counts in zip(starts, lens)]
     for layer, block in zip(layers, blocks):
         _launch(layer, TIES, ctl, hist, block=block)
-    counts = torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.int64, device=device)
-    prefix_all = torch.cumsum(counts, 0) - counts  # exclusive scan in (layer, index) order
-    start = 0
+    counts.cumsum_(0)  # in (layer, index) order; the padding entries are 0
     for layer, block, out in zip(layers, blocks, outs):
-        pre = prefix_all[start:start + block.numel()]
-        start += block.numel()
-        _launch(layer, WRITE, ctl, hist, prefix=pre, out=out)
-    return outs, torch.stack([ctl[_T], ctl[_BELOW], ctl[_NEED]])
+        _launch(layer, WRITE, ctl, hist, prefix=block, out=out)
+    return outs, torch.stack([ctl.select(0, _T), ctl.select(0, _BELOW), ctl.select(0, _NEED)])

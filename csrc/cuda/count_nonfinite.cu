@@ -108,6 +108,16 @@ torch::Tensor count_nonfinite_cuda(const std::vector<torch::Tensor>& grads,
                   " contiguous int32 words on the gradient's device");
   }
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  // The stream is the gradients' device's; launches go to the current device (the Python
+  // wrapper makes them the same). An error left pending by earlier work is named as such,
+  // not blamed on this op's launch (cudaGetLastError returns any earlier error).
+  int current = -1;
+  TORCH_CHECK(cudaGetDevice(&current) == cudaSuccess && current == device.index(),
+              "count_nonfinite_cuda: the current CUDA device is cuda:", current, ", the gradients are on ",
+              device, " (call through torch.ops.dowser, which guards the device)");
+  const cudaError_t earlier = cudaGetLastError();
+  TORCH_CHECK(earlier == cudaSuccess, "count_nonfinite_cuda: a CUDA error was already pending before this op "
+              "(raised by earlier work, not by this op): ", cudaGetErrorString(earlier));
   torch::Tensor bad = torch::empty({count}, torch::TensorOptions().dtype(torch::kInt64).device(device));
   TORCH_CHECK(cudaMemsetAsync(bad.data_ptr(), 0, count * sizeof(int64_t), stream) == cudaSuccess,
               "count_nonfinite_cuda: memset failed");

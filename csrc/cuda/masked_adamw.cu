@@ -7,14 +7,22 @@
 // fp32/bf16/fp16 parameters in PyTorch's fused AdamW order, with explicitly rounded intrinsics
 // (no FMA contraction) to match the CPU kernels and the reference.
 //
-// A first kernel counts NaN/Inf gradients in trainable entries (per tensor and in total); the
-// update kernel reads the total on the device and writes nothing when it is non-zero, so there
-// is no host synchronisation inside the op. Only torch/extension.h and the CUDA runtime are
+// Atomic ("check") mode: a first kernel counts NaN/Inf gradients in trainable entries (per
+// tensor and in total); the update kernel reads the total on the device and writes nothing when
+// it is non-zero, so there is no host synchronisation inside the op. Skip mode (also what the
+// optimizer uses once it has counted over all groups itself) is one pass: the update kernel
+// leaves each NaN/Inf entry unchanged and counts it; the count pass does not run.
+// Inputs are checked like the CPU op's (csrc/cpu/masked_adamw.cpp) wherever that needs no
+// device read; what would (a mask's padding bits, a compact state's size) is made harmless on
+// the device instead: padding bits are ignored, a compact index past the state stops the kernel
+// with a device-side assertion (as torch's own index checks do) before any out-of-bounds write. Only torch/extension.h and the CUDA runtime are
 // included (this file must compile against the CPU torch wheel's headers too); the stream
 // comes from Python as an integer.
 #include <cuda_runtime.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -33,6 +41,7 @@ struct Meta {
   int64_t param, grad, s1, s2, mask, offsets;  // device pointers (0 = none)
   int64_t master;  // fp32 master weights laid out like the state (0 = none)
   int64_t n;
+  int64_t state_n;      // entries of the state / master arrays (compact: the trainable count)
   int64_t chunk_start;  // first global chunk of this tensor
   float step_size, bc2_sqrt;
   int32_t kind, first;
@@ -78,10 +87,12 @@ __device__ __forceinline__ int find_tensor(const Meta* metas, int count, int64_t
   return lo;
 }
 
+// The word's trainable bits, padding bits past n cleared (a mask made for a larger tensor then
+// cannot make the kernels read or write past the parameter).
 __device__ __forceinline__ uint32_t word_at(const Meta& m, int64_t w) {
-  if (m.mask) return reinterpret_cast<const uint32_t*>(m.mask)[w];
   const int64_t left = m.n - w * 32;
-  return left >= 32 ? 0xFFFFFFFFu : ((1u << left) - 1u);
+  const uint32_t valid = left >= 32 ? 0xFFFFFFFFu : ((1u << left) - 1u);
+  return m.mask ? (reinterpret_cast<const uint32_t*>(m.mask)[w] & valid) : valid;
 }
 
 __global__ void count_bad_kernel(const Meta* metas, int count, unsigned long long* bad) {
@@ -104,7 +115,7 @@ __global__ void count_bad_kernel(const Meta* metas, int count, unsigned long lon
 }
 
 template <bool kAdam>
-__global__ void step_kernel(const Meta* metas, int count, Hyper hp, const unsigned long long* bad) {
+__global__ void step_kernel(const Meta* metas, int count, Hyper hp, unsigned long long* bad) {
   if (!hp.skip_nonfinite && bad[count] != 0) return;  // a trainable NaN/Inf: write nothing at all
   const int64_t chunk = blockIdx.x;
   const int t = find_tensor(metas, count, chunk);
@@ -115,13 +126,22 @@ __global__ void step_kernel(const Meta* metas, int count, Hyper hp, const unsign
   float* s1 = reinterpret_cast<float*>(m.s1);
   float* s2 = reinterpret_cast<float*>(m.s2);
   const int32_t* offsets = reinterpret_cast<const int32_t*>(m.offsets);
+  unsigned int skipped = 0;  // skip mode: NaN/Inf entries left unchanged (counted here: one pass)
   for (int64_t w = w0 + warp; w < min(words, w0 + kChunkWords); w += kThreads / 32) {
     const uint32_t word = word_at(m, w);
     if (!((word >> lane) & 1u)) continue;  // frozen: never read, never written
     const int64_t i = w * 32 + lane;
     const int64_t si = offsets ? static_cast<int64_t>(offsets[w]) + __popc(word & ((1u << lane) - 1u)) : i;
+    if (si >= m.state_n) {  // offsets or state made for another mask: stop before writing past it
+      __assert_fail("masked step: compact state index past the state (offsets or state made for another mask)",
+                    __FILE__, __LINE__, __func__);
+      return;
+    }
     float g = load_val(m, m.grad, i);
-    if (hp.skip_nonfinite && !isfinite(g)) continue;  // skip mode: param and state keep their bits
+    if (hp.skip_nonfinite && !isfinite(g)) {  // skip mode: param and state keep their bits
+      ++skipped;
+      continue;
+    }
     if (hp.maximize) g = -g;
     float* master = reinterpret_cast<float*>(m.master);
     float p = master ? master[si] : load_val(m, m.param, i);
@@ -140,6 +160,10 @@ __global__ void step_kernel(const Meta* metas, int count, Hyper hp, const unsign
     }
     if (master) master[si] = p;
     store_val(m, m.param, i, p);
+  }
+  if (hp.skip_nonfinite) {  // warp-reduced: one atomic per warp that skipped something
+    for (int o = 16; o > 0; o >>= 1) skipped += __shfl_down_sync(0xFFFFFFFFu, skipped, o);
+    if (lane == 0 && skipped) atomicAdd(bad + t, static_cast<unsigned long long>(skipped));
   }
 }
 
@@ -163,31 +187,50 @@ int64_t build_metas(std::vector<Meta>& metas, const std::vector<torch::Tensor>& 
                     const std::vector<torch::Tensor>& s2, const std::vector<torch::Tensor>& masks,
                     const std::vector<torch::Tensor>& offsets, const std::vector<torch::Tensor>& masters) {
   int64_t chunks = 0;
+  TORCH_CHECK(!params.empty(), "masked step: no parameters");
+  const torch::Device device = params[0].device();
   for (size_t i = 0; i < params.size(); ++i) {
     const torch::Tensor& p = params[i];
     TORCH_CHECK(p.is_cuda() && p.is_contiguous(), "masked step: params must be contiguous CUDA tensors");
-    TORCH_CHECK(grads[i].is_contiguous() && grads[i].scalar_type() == p.scalar_type() &&
-                    grads[i].numel() == p.numel() && grads[i].device() == p.device(),
-                "masked step: grad must match its param (dtype, size, device) and be contiguous");
+    // One launch reads every tensor of the call: they must all live on one device.
+    TORCH_CHECK(p.device() == device, "masked step: all tensors of one call must be on one device, got ",
+                device, " and ", p.device(), " (param ", i, ")");
+    TORCH_CHECK(grads[i].device() == device, "masked step: grad ", i, " is on ", grads[i].device(),
+                ", its param on ", device);
+    TORCH_CHECK(grads[i].is_contiguous(), "masked step: grad must be contiguous");
+    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(), "masked step: grad dtype ", grads[i].scalar_type(),
+                " differs from param dtype ", p.scalar_type());
+    TORCH_CHECK(grads[i].numel() == p.numel(), "masked step: grad has ", grads[i].numel(), " entries, param ",
+                p.numel());
     const int64_t n = p.numel(), words = (n + 31) / 32;
     Meta m{};
     m.param = ptr_or_zero(p);
     m.grad = ptr_or_zero(grads[i]);
     m.mask = ptr_or_zero(masks[i]);
     m.offsets = ptr_or_zero(offsets[i]);
-    if (m.mask) TORCH_CHECK(masks[i].numel() == words && masks[i].scalar_type() == torch::kInt32, "masked step: bad mask");
-    if (m.offsets) TORCH_CHECK(m.mask && offsets[i].numel() == words, "masked step: bad offsets");
+    if (m.mask)
+      TORCH_CHECK(masks[i].scalar_type() == torch::kInt32 && masks[i].is_contiguous() && masks[i].numel() == words &&
+                      masks[i].device() == device,
+                  "masked step: mask must be ", words, " contiguous int32 words on ", device);
+    if (m.offsets) {
+      TORCH_CHECK(m.mask, "masked step: offsets given without a mask");
+      TORCH_CHECK(offsets[i].scalar_type() == torch::kInt32 && offsets[i].is_contiguous() &&
+                      offsets[i].numel() == words && offsets[i].device() == device,
+                  "masked step: offsets must be ", words, " contiguous int32 words on ", device);
+    }
+    m.state_n = n;
     for (const auto* st : {&s1, &s2}) {
       if (st->empty()) continue;
       const torch::Tensor& s = (*st)[i];
-      TORCH_CHECK(s.scalar_type() == torch::kFloat && s.is_contiguous() && s.device() == p.device(),
+      TORCH_CHECK(s.scalar_type() == torch::kFloat && s.is_contiguous() && s.device() == device,
                   "masked step: state must be contiguous float32 on the param's device");
-      if (!m.offsets) TORCH_CHECK(s.numel() == n, "masked step: dense state must have one entry per param entry");
+      if (!m.offsets) TORCH_CHECK(s.numel() == n, "masked step: dense state has ", s.numel(), " entries, param ", n);
+      m.state_n = std::min<int64_t>(m.state_n, s.numel());
     }
     if (!masters.empty() && masters[i].defined() && masters[i].numel() > 0) {
       const torch::Tensor& w = masters[i];
       TORCH_CHECK(p.scalar_type() != torch::kFloat, "masked step: float32 params take no master weights");
-      TORCH_CHECK(w.scalar_type() == torch::kFloat && w.is_contiguous() && w.device() == p.device(),
+      TORCH_CHECK(w.scalar_type() == torch::kFloat && w.is_contiguous() && w.device() == device,
                   "masked step: master weights must be contiguous float32 on the param's device");
       const torch::Tensor* like = !s1.empty() ? &s1[i] : nullptr;
       if (like) {
@@ -196,6 +239,9 @@ int64_t build_metas(std::vector<Meta>& metas, const std::vector<torch::Tensor>& 
         TORCH_CHECK(w.numel() == n, "masked step: dense master weights need one entry per param entry");
       }
       m.master = ptr_or_zero(w);
+      // A compact master's size needs the trainable count (a device read): bounded on the
+      // device by state_n instead (see step_kernel).
+      m.state_n = std::min<int64_t>(m.state_n, w.numel());
     }
     m.s1 = s1.empty() ? 0 : ptr_or_zero(s1[i]);
     m.s2 = s2.empty() ? 0 : ptr_or_zero(s2[i]);
@@ -230,27 +276,44 @@ void upload(const void* host, size_t bytes, void* dev, cudaStream_t stream) {
   }
 }
 
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "masked step: ", what, " failed: ", cudaGetErrorString(err));
+}
+
 torch::Tensor launch(bool adam, std::vector<Meta>& metas, int64_t chunks, const Hyper& hp,
                      const torch::Device& device, int64_t stream_ptr) {
   const int count = static_cast<int>(metas.size());
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  // The stream belongs to the params' device, and the launches go to the current device: they
+  // must be the same (the Python wrappers make it so: dowser/_ops/backends/_common.py).
+  int current = -1;
+  check_cuda(cudaGetDevice(&current), "cudaGetDevice");
+  TORCH_CHECK(current == device.index(), "masked step: the current CUDA device is cuda:", current,
+              ", the params are on ", device, " (call through torch.ops.dowser, which guards the device)");
+  // cudaGetLastError reports the last error of any earlier call on this thread: one left
+  // pending by someone else would be blamed on this op's launches. Name it for what it is.
+  const cudaError_t earlier = cudaGetLastError();
+  TORCH_CHECK(earlier == cudaSuccess, "masked step: a CUDA error was already pending before this op "
+              "(raised by earlier work, not by this op): ", cudaGetErrorString(earlier));
   // metadata + counters in one device buffer: [metas | bad[count + 1]]
   const size_t meta_bytes = metas.size() * sizeof(Meta);
   torch::Tensor dev_meta = torch::empty({static_cast<int64_t>(meta_bytes)},
                                         torch::TensorOptions().dtype(torch::kUInt8).device(device));
   torch::Tensor bad = torch::empty({count + 1}, torch::TensorOptions().dtype(torch::kInt64).device(device));
+  TORCH_CHECK(chunks < (int64_t(1) << 31), "masked step: too many chunks");
   upload(metas.data(), meta_bytes, dev_meta.data_ptr(), stream);  // no host synchronisation
-  TORCH_CHECK(cudaMemsetAsync(bad.data_ptr(), 0, (count + 1) * sizeof(int64_t), stream) == cudaSuccess,
-              "masked step: memset failed");
+  check_cuda(cudaGetLastError(), "metadata upload");
+  check_cuda(cudaMemsetAsync(bad.data_ptr(), 0, (count + 1) * sizeof(int64_t), stream), "memset");
   if (chunks > 0) {
     const Meta* d_meta = reinterpret_cast<const Meta*>(dev_meta.data_ptr());
     auto* d_bad = reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>());
-    TORCH_CHECK(chunks < (int64_t(1) << 31), "masked step: too many chunks");
-    count_bad_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(d_meta, count, d_bad);
+    if (!hp.skip_nonfinite) {  // atomic mode: the verdict must exist before anything is written
+      count_bad_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(d_meta, count, d_bad);
+      check_cuda(cudaGetLastError(), "NaN/Inf count launch");
+    }
     if (adam) step_kernel<true><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(d_meta, count, hp, d_bad);
     else step_kernel<false><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(d_meta, count, hp, d_bad);
-    const cudaError_t err = cudaGetLastError();
-    TORCH_CHECK(err == cudaSuccess, "masked step: kernel launch failed: ", cudaGetErrorString(err));
+    check_cuda(cudaGetLastError(), "step launch");
   }
   // dev_meta is freed by the caching allocator only after work queued on the current stream.
   return bad.narrow(0, 0, count);

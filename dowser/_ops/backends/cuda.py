@@ -1,13 +1,14 @@
 """The `cuda` backend: dowser._C built with CUDA (csrc/cuda/*.cu). The CUDA stream is passed
 as an integer (the .cu files include only torch/extension.h and the CUDA runtime). None of
-these kernels synchronises with the host."""
+these kernels synchronises with the host. Every wrapper runs with its tensors' device current
+(`on_its_device`): the stream and the launch belong to that device."""
 
 from __future__ import annotations
 
 import torch
 
 from dowser._checks import masters_per_param
-from dowser._ops.backends._common import contiguous_params, copy_back, none_as_empty
+from dowser._ops.backends._common import contiguous_params, copy_back, none_as_empty, on_its_device
 from dowser._registry import register
 
 
@@ -22,6 +23,7 @@ def _stream(device: torch.device) -> int:
 
 
 @register("count_nonfinite", "cuda", ("cuda",), cpp_op="dowser_C::count_nonfinite_cuda")
+@on_its_device
 def count_nonfinite(grads, masks):
     # csrc/cuda/count_nonfinite.cu registers itself (TORCH_LIBRARY_FRAGMENT): one launch.
     if not len(grads):
@@ -32,6 +34,7 @@ def count_nonfinite(grads, masks):
 
 
 @register("masked_adamw_step", "cuda", ("cuda",), cpp_symbol="masked_adamw_cuda")
+@on_its_device
 def masked_adamw_step(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, steps, lr, beta1,
                       beta2, eps, weight_decay, maximize, skip_nonfinite=False, masters=None,
                       has_master=None):
@@ -50,6 +53,7 @@ def masked_adamw_step(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, step
 
 
 @register("masked_sgd_step", "cuda", ("cuda",), cpp_symbol="masked_sgd_cuda")
+@on_its_device
 def masked_sgd_step(params, grads, bufs, masks, offsets, first, lr, momentum, dampening,
                     weight_decay, nesterov, maximize, masters=None, has_master=None):
     per_param = masters_per_param(masters, has_master, len(params))  # checked first

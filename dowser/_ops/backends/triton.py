@@ -1,12 +1,15 @@
-"""The `triton` backend: dowser.kernels (CUDA; CPU only under TRITON_INTERPRET=1)."""
+"""The `triton` backend: dowser.kernels (CUDA; CPU only under TRITON_INTERPRET=1). Triton launches
+on the current device: every wrapper makes its tensors' device current (`on_its_device`)."""
 
 from __future__ import annotations
 
 from dowser._bits import score_factors
+from dowser._ops.backends._common import on_its_device
 from dowser._registry import register
 
 
 @register("pack_mask", "triton", ("cpu", "cuda"))
+@on_its_device
 def pack_mask(mask):
     from dowser.kernels import pack
 
@@ -14,6 +17,7 @@ def pack_mask(mask):
 
 
 @register("unpack_mask", "triton", ("cpu", "cuda"))
+@on_its_device
 def unpack_mask(packed, numel):
     from dowser.kernels import pack
 
@@ -21,6 +25,7 @@ def unpack_mask(packed, numel):
 
 
 @register("scores", "triton", ("cpu", "cuda"))
+@on_its_device
 def scores(weight, out_factors, in_factors, batch_weights):
     from dowser.kernels import score
 
@@ -28,6 +33,7 @@ def scores(weight, out_factors, in_factors, batch_weights):
 
 
 @register("select_masks_global", "triton", ("cpu", "cuda"))
+@on_its_device
 def select_masks_global(weights, out_factors, in_factors, batch_weights, k):
     from dowser.kernels import select
 
@@ -37,6 +43,7 @@ def select_masks_global(weights, out_factors, in_factors, batch_weights, k):
 
 
 @register("select_mask", "triton", ("cpu", "cuda"))
+@on_its_device
 def select_mask(weight, out_factors, in_factors, batch_weights, k):
     masks, stats = select_masks_global([weight], [out_factors], [in_factors], [batch_weights], k)
     return masks[0], stats

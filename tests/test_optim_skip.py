@@ -39,9 +39,11 @@ def _case(dtype, rho, compact, device, seed=5, poison=True):
                 flat[j] = val
     offs = [reference.word_offsets(m) if (compact and m is not None) else None for m in ms]
 
-    def state(i):
+    def state(i, which=0):
+        """Tensor i's state: which=0 exp_avg, 1 exp_avg_sq; seeded apart so that reading one
+        for the other shows."""
         n = ps[i].numel() if offs[i] is None else reference.count_trainable(ms[i])
-        return torch.rand(n, generator=torch.Generator().manual_seed(i)).to(device)
+        return torch.rand(n, generator=torch.Generator().manual_seed(2 * i + which)).to(device)
 
     return ps, gs, ms, offs, state
 
@@ -68,7 +70,7 @@ def test_skip_kernel_equals_reference_bitwise(backend, dtype, rho, compact, devi
     for f in (reference.masked_adamw_, fn):
         p = [t.clone() for t in ps]
         m = [state(i) for i in range(len(SIZES))]
-        v = [state(i) for i in range(len(SIZES))]
+        v = [state(i, 1) for i in range(len(SIZES))]
         bad = f(p, gs, m, v, **args)
         assert bad.cpu().tolist() == _expected_bad(gs, ms)
         outs.append((p, m, v))
@@ -92,7 +94,7 @@ def test_skip_without_nonfinite_equals_check_mode(backend, dtype, device):
     for skip in (False, True):
         p = [t.clone() for t in ps]
         m = [state(i) for i in range(len(SIZES))]
-        v = [state(i) for i in range(len(SIZES))]
+        v = [state(i, 1) for i in range(len(SIZES))]
         bad = fn(p, gs, m, v, ms, offs, [2.0] * len(SIZES), 1e-3, 0.9, 0.999, 1e-8, 0.01, True,
                  skip_nonfinite=skip)
         assert int(bad.sum()) == 0
@@ -182,7 +184,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for f in (reference.masked_adamw_, fn):
             p = [t.clone() for t in ps]
             m = [state(i) for i in range(len(SIZES))]
-            v = [state(i) for i in range(len(SIZES))]
+            v = [state(i, 1) for i in range(len(SIZES))]
             b = f(p, gs, m, v, ms, offs, [3.0] * len(SIZES), 1e-2, 0.9, 0.99, 1e-8, 0.1, False,
                   skip_nonfinite=True)
             outs.append([b] + p + m + v)

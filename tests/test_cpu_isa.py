@@ -228,13 +228,15 @@ def _master_reference(param, grad, m, v, mask, off, master, step, skip):
     if skip:
         changed &= torch.isfinite(grad.float().reshape(-1))
     p[changed] = full[changed].to(param.dtype)
-    return p.view(param.shape), new_master
+    return p.view(param.shape), new_master, m, v
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("compact", [True, False])
 @pytest.mark.parametrize("skip", [False, True])
 def test_adamw_master_weights(cap, dtype, compact, skip):
+    """Param, master AND moments bit for bit on every path (the tensors span several 8192-entry
+    tasks), compact and dense state, check and skip mode."""
     params, grads, masks = _problem(dtype, 7, nan=skip)
     gen = torch.Generator().manual_seed(8)
     m, v, offs = _state(params, masks, compact, gen)
@@ -244,13 +246,16 @@ def test_adamw_master_weights(cap, dtype, compact, skip):
         masters.append(flat[reference.unpack_mask(mask, p.numel())].clone() if off is not None else flat)
     want = [_master_reference(p, g, mi.clone(), vi.clone(), mk, off, w.clone(), 4.0, skip)
             for p, g, mi, vi, mk, off, w in zip(params, grads, m, v, masks, offs, masters)]
-    got_p, got_w = _clone(params), _clone(masters)
-    cap.masked_adamw_cpu(got_p, grads, _clone(m), _clone(v), _e(masks), _e(offs), [4.0] * 4,
+    got_p, got_w, got_m, got_v = _clone(params), _clone(masters), _clone(m), _clone(v)
+    cap.masked_adamw_cpu(got_p, grads, got_m, got_v, _e(masks), _e(offs), [4.0] * 4,
                          ADAM_HP["lr"], ADAM_HP["beta1"], ADAM_HP["beta2"], ADAM_HP["eps"],
                          ADAM_HP["weight_decay"], False, skip, got_w)
-    for gp, gw, (wp, ww) in zip(got_p, got_w, want):
-        assert _bits_equal(gw, ww)
-        assert _bits_equal(gp, wp)
+    assert max(p.numel() for p in params) > 2 * 8192  # past one task
+    for i, (gp, gw, gm, gv, (wp, ww, wm, wv)) in enumerate(zip(got_p, got_w, got_m, got_v, want)):
+        assert _bits_equal(gw, ww), f"tensor {i}: master"
+        assert _bits_equal(gp, wp), f"tensor {i}: param"
+        assert _bits_equal(gm, wm), f"tensor {i}: exp_avg"
+        assert _bits_equal(gv, wv), f"tensor {i}: exp_avg_sq"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

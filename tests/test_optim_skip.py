@@ -9,7 +9,6 @@ import dowser
 from dowser import reference
 from dowser.ops import pack_mask
 from tests.conftest import backend_fn
-from tests.test_optim import run_without_avx512
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Awkward sizes: empty, single, around one word, around a 16-word sub-block (512) and a
@@ -173,7 +172,7 @@ def test_skip_mode_step_in_backward_raises_from_the_hook():
 
 _SCALAR_SCRIPT = """
 import torch
-from dowser import reference
+from dowser import _ext, reference
 from dowser._registry import implementations
 from tests.test_optim_skip import _case, SIZES, _bits
 fn = implementations("masked_adamw_step", "cpu")["cpp"]
@@ -191,10 +190,26 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for x, y in zip(*outs):
             assert torch.equal(_bits(x) if x.dtype != torch.int64 else x,
                                _bits(y) if y.dtype != torch.int64 else y)
+print("path", _ext.cpu_capability())
 print("ok")
 """
 
 
-def test_skip_scalar_fallback_equals_reference():
-    """The non-AVX-512 C++ path (DOWSER_NO_AVX512=1) in skip mode is bit-identical as well."""
-    run_without_avx512(_SCALAR_SCRIPT)
+@pytest.mark.parametrize("env", [{"DOWSER_NO_AVX512": "1"}, {"DOWSER_CPU_CAPABILITY": "default"}])
+def test_skip_scalar_fallback_equals_reference(env):
+    """The C++ paths other than AVX-512 in skip mode, bit-identical to the reference, in a fresh
+    process (both variables are read when dowser._C loads): DOWSER_NO_AVX512=1 (the best of
+    the rest, AVX2 on x86) and the scalar path forced; the child reports the path it ran."""
+    import os
+    import subprocess
+    import sys
+
+    backend_fn("masked_adamw_step", "cpp", "cpu")
+    out = subprocess.run([sys.executable, "-c", _SCALAR_SCRIPT], capture_output=True, text=True,
+                         env=dict(os.environ, **env), timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    path = [ln.split()[1] for ln in out.stdout.splitlines() if ln.startswith("path ")]
+    if "DOWSER_CPU_CAPABILITY" in env:
+        assert path == [env["DOWSER_CPU_CAPABILITY"]], out.stdout
+    else:
+        assert path and path[0] not in ("avx512", "None"), out.stdout

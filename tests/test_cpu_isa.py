@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -328,7 +329,7 @@ int main(int argc, char** argv) {
   float m = 0.1f, v = 0.2f, p = 1.0f;
   dowser::math::AdamScalars s{1.0f, 0.1f, 0.999f, 0.001f, 1e-8f, 0.01f, 0.5f};
   dowser::math::adamw_entry(c, p, m, v, s);  // the real update math under the same flags
-  std::printf("%a %a %a\n", dowser::math::add(dowser::math::mul(a, a), c), p, v);
+  std::printf("%a %a %a %a\n", dowser::math::add(dowser::math::mul(a, a), c), p, m, v);
   return 0;
 }
 """
@@ -356,6 +357,16 @@ def test_fma_contraction_is_caught(tmp_path):
         pytest.skip("this CPU has no FMA")
     pinned = _probe(tmp_path, [])
     assert pinned[0] == 0.0  # the shared build flags: every operation rounded on its own
+    # the real update math under those flags: each float32 operation rounded, in fused-AdamW order
+    f = np.float32
+    g, p, m, v = f(-(1.0 + 2.0**-11)), f(1.0), f(0.1), f(0.2)
+    decay, w1, beta2, omb2, eps, step_size, bc2 = map(f, (1.0, 0.1, 0.999, 0.001, 1e-8, 0.01, 0.5))
+    pt = p * decay
+    mt = m + w1 * (g - m)
+    vt = beta2 * v + omb2 * (g * g)
+    denom = np.sqrt(vt) / bc2 + eps
+    want = [float(pt - (step_size * mt) / denom), float(mt), float(vt)]
+    assert pinned[1:] == want, (pinned[1:], want)
     fused = _probe(tmp_path, ["-ffp-contract=fast"])
     assert fused[0] == 2.0**-24  # the probe sees contraction when it sneaks in ...
     with pytest.raises(ValueError):  # ... and the configuration check refuses such flags

@@ -1,13 +1,12 @@
 """Every bad input to the `dowser` command gets one line on stderr that says what to do, exit
-status 2, within 2 s and before any model is loaded (the loader is replaced by one that fails
-the test)."""
+status 2, before any model is loaded (the loader is replaced by one that fails the test). How
+fast that is belongs in benchmarks, not in a wall-clock assertion here."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ import torch
 from dowser import _artifacts, cli
 
 ROOT = Path(__file__).resolve().parents[1]
-BOUND_S = 2.0  # loose: the checks themselves take milliseconds
 
 
 @pytest.fixture
@@ -31,15 +29,12 @@ def run(monkeypatch, capsys):
 
     def go(*argv: str, code: int = 2) -> str:
         capsys.readouterr()
-        t0 = time.perf_counter()
         rc = cli.main([str(a) for a in argv])
-        elapsed = time.perf_counter() - t0
         out, err = capsys.readouterr()
         assert rc == code, (rc, out, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("dowser"), err
         assert "Traceback" not in err and not out.strip(), (out, err)
-        assert elapsed < BOUND_S, f"{elapsed:.2f} s before the error"
         return lines[0]
 
     return go

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,25 +159,25 @@ def test_count_finds_each_single_nonfinite(cap, dtype):
             assert cap.count_nonfinite_cpu([g], [torch.empty(0, dtype=torch.int32)]).tolist() == [1]
 
 
-def _select_all(mod, ws, ps, as_, k):
-    return mod.scores_cpu(ws[0], ps[0], as_[0]), *mod.select_masks_cpu(ws, ps, as_, k)
-
-
 @pytest.mark.parametrize("k", [1, 2000, 4000])
-def test_select_same_bits_on_every_path(cap, monkeypatch, k):
+def test_select_same_bits_on_every_path(cap, k):
+    """Every path against the plain-PyTorch reference (not against the default path, which
+    would compare the default path with itself): the scores |W| * (Psi A) of an fp64
+    computation to fp32 rounding, the masks exactly the k lowest of the path's own scores
+    (ties by matrix, then flat index: reference.select_from_scores), the stats alike."""
     gen = torch.Generator().manual_seed(6)
     ws = [torch.randn(67, 301, generator=gen), torch.randn(130, 45, generator=gen).to(torch.bfloat16)]
     ps = [torch.rand(w.shape[0], 5, generator=gen) for w in ws]
     as_ = [torch.rand(5, w.shape[1], generator=gen) for w in ws]
-    path = os.environ["DOWSER_CPU_CAPABILITY"]
-    got = _select_all(cap, ws, ps, as_, k)
-    monkeypatch.setenv("DOWSER_CPU_CAPABILITY", "default")
-    base = _select_all(cap, ws, ps, as_, k)
-    monkeypatch.setenv("DOWSER_CPU_CAPABILITY", path)
-    assert _bits_equal(got[0], base[0])
-    assert all(torch.equal(a, b) for a, b in zip(got[1], base[1])) and torch.equal(got[2], base[2])
-    # and the exact k-lowest of the scores: as many entries as asked
-    assert sum(int(reference.unpack_mask(m, w.numel()).sum()) for m, w in zip(got[1], ws)) == k
+    own = [cap.scores_cpu(w, p, a) for w, p, a in zip(ws, ps, as_)]
+    for w, p, a, s in zip(ws, ps, as_, own):
+        want = w.double().abs() * (p.double() @ a.double())
+        torch.testing.assert_close(s.double(), want, rtol=2e-7, atol=0.0)
+    masks, stats = cap.select_masks_cpu(ws, ps, as_, k)
+    ref_masks, ref_stats = reference.select_from_scores(own, k)
+    assert all(torch.equal(a, b) for a, b in zip(masks, ref_masks))
+    assert torch.equal(stats, ref_stats)
+    assert sum(int(reference.unpack_mask(m, w.numel()).sum()) for m, w in zip(masks, ws)) == k
 
 
 def test_override_errors():
@@ -228,13 +229,15 @@ def _master_reference(param, grad, m, v, mask, off, master, step, skip):
     if skip:
         changed &= torch.isfinite(grad.float().reshape(-1))
     p[changed] = full[changed].to(param.dtype)
-    return p.view(param.shape), new_master
+    return p.view(param.shape), new_master, m, v
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("compact", [True, False])
 @pytest.mark.parametrize("skip", [False, True])
 def test_adamw_master_weights(cap, dtype, compact, skip):
+    """Param, master AND moments bit for bit on every path (the tensors span several 8192-entry
+    tasks), compact and dense state, check and skip mode."""
     params, grads, masks = _problem(dtype, 7, nan=skip)
     gen = torch.Generator().manual_seed(8)
     m, v, offs = _state(params, masks, compact, gen)
@@ -244,13 +247,16 @@ def test_adamw_master_weights(cap, dtype, compact, skip):
         masters.append(flat[reference.unpack_mask(mask, p.numel())].clone() if off is not None else flat)
     want = [_master_reference(p, g, mi.clone(), vi.clone(), mk, off, w.clone(), 4.0, skip)
             for p, g, mi, vi, mk, off, w in zip(params, grads, m, v, masks, offs, masters)]
-    got_p, got_w = _clone(params), _clone(masters)
-    cap.masked_adamw_cpu(got_p, grads, _clone(m), _clone(v), _e(masks), _e(offs), [4.0] * 4,
+    got_p, got_w, got_m, got_v = _clone(params), _clone(masters), _clone(m), _clone(v)
+    cap.masked_adamw_cpu(got_p, grads, got_m, got_v, _e(masks), _e(offs), [4.0] * 4,
                          ADAM_HP["lr"], ADAM_HP["beta1"], ADAM_HP["beta2"], ADAM_HP["eps"],
                          ADAM_HP["weight_decay"], False, skip, got_w)
-    for gp, gw, (wp, ww) in zip(got_p, got_w, want):
-        assert _bits_equal(gw, ww)
-        assert _bits_equal(gp, wp)
+    assert max(p.numel() for p in params) > 2 * 8192  # past one task
+    for i, (gp, gw, gm, gv, (wp, ww, wm, wv)) in enumerate(zip(got_p, got_w, got_m, got_v, want)):
+        assert _bits_equal(gw, ww), f"tensor {i}: master"
+        assert _bits_equal(gp, wp), f"tensor {i}: param"
+        assert _bits_equal(gm, wm), f"tensor {i}: exp_avg"
+        assert _bits_equal(gv, wv), f"tensor {i}: exp_avg_sq"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -323,7 +329,7 @@ int main(int argc, char** argv) {
   float m = 0.1f, v = 0.2f, p = 1.0f;
   dowser::math::AdamScalars s{1.0f, 0.1f, 0.999f, 0.001f, 1e-8f, 0.01f, 0.5f};
   dowser::math::adamw_entry(c, p, m, v, s);  // the real update math under the same flags
-  std::printf("%a %a %a\n", dowser::math::add(dowser::math::mul(a, a), c), p, v);
+  std::printf("%a %a %a %a\n", dowser::math::add(dowser::math::mul(a, a), c), p, m, v);
   return 0;
 }
 """
@@ -351,6 +357,16 @@ def test_fma_contraction_is_caught(tmp_path):
         pytest.skip("this CPU has no FMA")
     pinned = _probe(tmp_path, [])
     assert pinned[0] == 0.0  # the shared build flags: every operation rounded on its own
+    # the real update math under those flags: each float32 operation rounded, in fused-AdamW order
+    f = np.float32
+    g, p, m, v = f(-(1.0 + 2.0**-11)), f(1.0), f(0.1), f(0.2)
+    decay, w1, beta2, omb2, eps, step_size, bc2 = map(f, (1.0, 0.1, 0.999, 0.001, 1e-8, 0.01, 0.5))
+    pt = p * decay
+    mt = m + w1 * (g - m)
+    vt = beta2 * v + omb2 * (g * g)
+    denom = np.sqrt(vt) / bc2 + eps
+    want = [float(pt - (step_size * mt) / denom), float(mt), float(vt)]
+    assert pinned[1:] == want, (pinned[1:], want)
     fused = _probe(tmp_path, ["-ffp-contract=fast"])
     assert fused[0] == 2.0**-24  # the probe sees contraction when it sneaks in ...
     with pytest.raises(ValueError):  # ... and the configuration check refuses such flags

@@ -107,6 +107,12 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
     assert (tmp_path / "masks.safetensors").exists()
     moved = sum(int((p != scope["before"][n]).sum()) for n, p in scope["params"].items())
     assert moved > 0, "the quickstart trained nothing"
+    # the dense norms alone would satisfy that: every masked matrix's trainable entries moved
+    for name, packed in scope["masks"].items():
+        p = scope["params"][name]
+        train = scope["dowser"].ops.unpack_mask(packed, p.shape)
+        assert bool((p.detach()[train] != scope["before"][name][train]).any()), \
+            f"{name}: no trainable entry moved"
 
 
 def test_relative_links_resolve():

@@ -9,7 +9,6 @@ import dowser
 from dowser import reference
 from dowser.ops import pack_mask
 from tests.conftest import backend_fn
-from tests.test_optim import run_without_avx512
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Awkward sizes: empty, single, around one word, around a 16-word sub-block (512) and a
@@ -39,9 +38,11 @@ def _case(dtype, rho, compact, device, seed=5, poison=True):
                 flat[j] = val
     offs = [reference.word_offsets(m) if (compact and m is not None) else None for m in ms]
 
-    def state(i):
+    def state(i, which=0):
+        """Tensor i's state: which=0 exp_avg, 1 exp_avg_sq; seeded apart so that reading one
+        for the other shows."""
         n = ps[i].numel() if offs[i] is None else reference.count_trainable(ms[i])
-        return torch.rand(n, generator=torch.Generator().manual_seed(i)).to(device)
+        return torch.rand(n, generator=torch.Generator().manual_seed(2 * i + which)).to(device)
 
     return ps, gs, ms, offs, state
 
@@ -68,7 +69,7 @@ def test_skip_kernel_equals_reference_bitwise(backend, dtype, rho, compact, devi
     for f in (reference.masked_adamw_, fn):
         p = [t.clone() for t in ps]
         m = [state(i) for i in range(len(SIZES))]
-        v = [state(i) for i in range(len(SIZES))]
+        v = [state(i, 1) for i in range(len(SIZES))]
         bad = f(p, gs, m, v, **args)
         assert bad.cpu().tolist() == _expected_bad(gs, ms)
         outs.append((p, m, v))
@@ -92,7 +93,7 @@ def test_skip_without_nonfinite_equals_check_mode(backend, dtype, device):
     for skip in (False, True):
         p = [t.clone() for t in ps]
         m = [state(i) for i in range(len(SIZES))]
-        v = [state(i) for i in range(len(SIZES))]
+        v = [state(i, 1) for i in range(len(SIZES))]
         bad = fn(p, gs, m, v, ms, offs, [2.0] * len(SIZES), 1e-3, 0.9, 0.999, 1e-8, 0.01, True,
                  skip_nonfinite=skip)
         assert int(bad.sum()) == 0
@@ -171,7 +172,7 @@ def test_skip_mode_step_in_backward_raises_from_the_hook():
 
 _SCALAR_SCRIPT = """
 import torch
-from dowser import reference
+from dowser import _ext, reference
 from dowser._registry import implementations
 from tests.test_optim_skip import _case, SIZES, _bits
 fn = implementations("masked_adamw_step", "cpu")["cpp"]
@@ -182,17 +183,33 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for f in (reference.masked_adamw_, fn):
             p = [t.clone() for t in ps]
             m = [state(i) for i in range(len(SIZES))]
-            v = [state(i) for i in range(len(SIZES))]
+            v = [state(i, 1) for i in range(len(SIZES))]
             b = f(p, gs, m, v, ms, offs, [3.0] * len(SIZES), 1e-2, 0.9, 0.99, 1e-8, 0.1, False,
                   skip_nonfinite=True)
             outs.append([b] + p + m + v)
         for x, y in zip(*outs):
             assert torch.equal(_bits(x) if x.dtype != torch.int64 else x,
                                _bits(y) if y.dtype != torch.int64 else y)
+print("path", _ext.cpu_capability())
 print("ok")
 """
 
 
-def test_skip_scalar_fallback_equals_reference():
-    """The non-AVX-512 C++ path (DOWSER_NO_AVX512=1) in skip mode is bit-identical as well."""
-    run_without_avx512(_SCALAR_SCRIPT)
+@pytest.mark.parametrize("env", [{"DOWSER_NO_AVX512": "1"}, {"DOWSER_CPU_CAPABILITY": "default"}])
+def test_skip_scalar_fallback_equals_reference(env):
+    """The C++ paths other than AVX-512 in skip mode, bit-identical to the reference, in a fresh
+    process (both variables are read when dowser._C loads): DOWSER_NO_AVX512=1 (the best of
+    the rest, AVX2 on x86) and the scalar path forced; the child reports the path it ran."""
+    import os
+    import subprocess
+    import sys
+
+    backend_fn("masked_adamw_step", "cpp", "cpu")
+    out = subprocess.run([sys.executable, "-c", _SCALAR_SCRIPT], capture_output=True, text=True,
+                         env=dict(os.environ, **env), timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    path = [ln.split()[1] for ln in out.stdout.splitlines() if ln.startswith("path ")]
+    if "DOWSER_CPU_CAPABILITY" in env:
+        assert path == [env["DOWSER_CPU_CAPABILITY"]], out.stdout
+    else:
+        assert path and path[0] not in ("avx512", "None"), out.stdout

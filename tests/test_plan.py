@@ -132,6 +132,41 @@ def test_verdicts_checkpointing_and_sharding():
     assert plan.probe_peak > plan.rows[0].parts["weights"]
 
 
+def test_one_row_peak_and_the_probe_peak_by_hand():
+    """The peak of one row and the probing peak recomputed here from the counts and the
+    activation bytes (checked against a real forward above), term by term as the module
+    docstring states them: the static bytes plus the larger end of the backward pass."""
+    from dowser.plan import _saved_bytes
+
+    batch, seq = 2, 256
+    plan = plan_memory(MID, rho=0.1, dtype="bf16", batch=batch, seq=seq, gpu_mem=24)
+    c = plan.counts
+    e, tokens = 2, batch * seq
+    k = sum(math.floor(0.1 * n + 0.5) for n in c.masked)
+    words = sum((n + 31) // 32 for n in c.masked)
+    dense = c.trainable - sum(c.masked)
+    weights, masks, overhead = c.n_params * e, 4 * words, 1 * GiB  # cuda: 1 GiB of overhead
+    state = 12 * k + 4 * words + 12 * dense  # m, v and the fp32 master per trainable entry
+    grads = c.trainable * e
+    _, meta, layers = count_model(MID, dtype="bf16")
+    per_layer, outside = _saved_bytes(meta, batch, seq, layers)
+    acts = sum(per_layer) + outside + tokens * c.vocab * e  # + the returned logits
+    logit_grads = tokens * c.vocab * (8 + e)  # fp32 gradient, its cast and the fp32 upcast's
+    layer_bwd = 3 * tokens * max(c.intermediate, c.hidden) * e + 2 * tokens * c.hidden * 4
+    step_tmp = 2 * c.largest_param * 4
+    want = weights + state + masks + overhead + max(acts + max(logit_grads, layer_bwd),
+                                                    grads + layer_bwd, grads + step_tmp)
+    row = plan.row("dowser (compact)")
+    assert row.peak == want
+    assert row.fits == (want <= 24 * GiB) and row.headroom == 24 * GiB - want
+    p_layer, p_outside = _saved_bytes(meta, 4, 64, layers, probe=True)
+    factors = sum(2 * 16 * (o + i) * 4 for o, i in
+                  [(m.out_features, m.in_features) for n, m in meta.named_modules()
+                   if isinstance(m, torch.nn.Linear) and ".layers." in n])
+    assert plan.probe_peak == (weights + sum(p_layer) + p_outside + 4 * 64 * c.vocab * (e + 8)
+                               + factors + overhead)
+
+
 def test_plan_from_a_model_a_dict_and_a_directory(tmp_path):
     model = _real()
     a = plan_memory(model, dtype="fp32", batch=1, seq=16)

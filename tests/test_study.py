@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import dowser
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -115,6 +117,23 @@ def test_lora_baseline_counts_and_leaves_base_weights(study):
         opt.step()
         opt.zero_grad()
     assert study.frozen_changed(peft_model, before, None) == 0
+    # LoRA never writes the base, so the 0 above only counts if a write is seen: nudge one entry
+    name = modules[0] + ".weight"
+    base = peft_model.get_parameter("base_model.model." + modules[0] + ".base_layer.weight")
+    with torch.no_grad():
+        base[1, 2] += 1.0
+    assert study.frozen_changed(peft_model, before, None) == 1
+    # masked: one frozen and one trainable entry moved -> only the frozen one counts
+    train = torch.zeros(base.shape, dtype=torch.bool)
+    train[0, 0] = True
+    masks = {n: dowser.ops.pack_mask(train if n == name else torch.zeros_like(p, dtype=torch.bool))
+             for n, p in before.items()}
+    with torch.no_grad():
+        base[0, 0] += 1.0  # trainable: allowed
+    assert study.frozen_changed(peft_model, before, masks) == 1
+    with torch.no_grad():
+        base[1, 2] = before[name][1, 2]
+    assert study.frozen_changed(peft_model, before, masks) == 0
 
 
 # --- the widened study (issue 28): presets, LoRA row, t-test pairs, facts task, Dowser-LoRA runs ---

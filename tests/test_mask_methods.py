@@ -324,6 +324,50 @@ def test_wanda_norms_equal_hooked_activations_real_data():
         torch.testing.assert_close(e.input_norms().double(), hooked[n], rtol=1e-5, atol=1e-7)
 
 
+def test_wanda_norms_with_padding_and_uneven_batches():
+    """Padded prompts of different lengths in batches of different sizes: a padded position
+    must not count, and each batch's token mean is weighted by its number of rows (the rule of
+    ProbeEntry.input_norms). The global token mean and the unmasked mean differ from it here,
+    so a probe that used either fails."""
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(4)
+    lengths = [[9, 3, 6], [2], [8, 5]]  # rows per batch 3, 1, 2; real tokens per row vary
+    loader, masks = [], []
+    for lens in lengths:
+        width = max(lens)
+        ids = torch.zeros(len(lens), width, dtype=torch.long)  # pad id 0, left padding
+        mask = torch.zeros(len(lens), width, dtype=torch.long)
+        for r, n in enumerate(lens):
+            ids[r, width - n:] = torch.randint(3, 97, (n,), generator=gen)
+            mask[r, width - n:] = 1
+        loader.append({"input_ids": ids, "attention_mask": mask})
+        masks.append(mask)
+    stats = probe(model, dataloader=loader, layers=2, n_rademacher=1, progress=False)
+    mods = dict(model.named_modules())
+    seen = {n: [] for n in stats}
+    handles = [mods[n].register_forward_hook(
+        lambda m, args, out, n=n: seen[n].append(args[0].detach().double()))
+        for n in stats]
+    try:
+        with torch.no_grad():
+            for item in loader:
+                model(**item)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = torch.tensor([float(len(lens)) for lens in lengths], dtype=torch.float64)
+    for n, e in stats.items():
+        per_batch = torch.stack([h[m.bool()].pow(2).mean(0) for h, m in zip(seen[n], masks)])
+        want = ((per_batch * rows[:, None]).sum(0) / rows.sum()).sqrt()
+        got = e.input_norms().double()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        every_token = torch.cat([h[m.bool()] for h, m in zip(seen[n], masks)]).pow(2).mean(0).sqrt()
+        unmasked = torch.stack([h.pow(2).mean((0, 1)) for h in seen[n]])
+        unmasked = ((unmasked * rows[:, None]).sum(0) / rows.sum()).sqrt()
+        for wrong in (every_token, unmasked):  # the test tells these rules apart
+            assert not torch.allclose(got, wrong, rtol=1e-3, atol=1e-6)
+
+
 def test_wanda_norms_equal_hooked_activations_data_free():
     from dowser.probe.batches import select_batches
 

@@ -43,7 +43,9 @@ def extension_config():
                       "the baseline CPU; each instruction set is its own dispatched path)")
     cpp, cu = cfg.sources(HERE / "csrc")
     rel = lambda paths: [os.path.relpath(p, HERE) for p in paths]  # noqa: E731
-    include_dirs = [str(p) for p in cfg.include_dirs(HERE / "csrc")]
+    stamp = cfg.build_stamp(cfg.read_version(HERE / "dowser" / "_version.py"), HERE / "csrc")
+    stamp_dir = cfg.write_stamp_header(HERE / "build" / "dowser_stamp", stamp)
+    include_dirs = [str(p) for p in cfg.include_dirs(HERE / "csrc")] + [str(stamp_dir)]
     with_cuda, _why = cfg.cuda_decision(torch, cpp_extension.CUDA_HOME, cu)
     if with_cuda:
         ext = cpp_extension.CUDAExtension(

@@ -92,9 +92,11 @@ def editable_config():
     if not hasattr(editable_wheel, "_select_strategy"):
         return {}
 
+    # setuptools names its finder's module after the distribution (model-dowser):
+    # __editable___model_dowser_<version>_finder; ours is __editable___dowser_kernels_finder.
     first = ("import __editable___dowser_kernels_finder, sys; "
              "sys.meta_path.sort(key=lambda f: not getattr(f, '__module__', '')"
-             ".startswith('__editable___dowser_'))\n")
+             ".startswith(('__editable___model_dowser_', '__editable___dowser_')))\n")
     # kernels/ has no __init__.py (so it never shadows the `kernels` distribution), and
     # setuptools' editable finder only maps folders that have one: it would not find the
     # `dowser.kernels` package itself (its modules it finds). This finder makes it a namespace

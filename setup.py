@@ -43,7 +43,9 @@ def extension_config():
                       "the baseline CPU; each instruction set is its own dispatched path)")
     cpp, cu = cfg.sources(HERE / "csrc")
     rel = lambda paths: [os.path.relpath(p, HERE) for p in paths]  # noqa: E731
-    include_dirs = [str(p) for p in cfg.include_dirs(HERE / "csrc")]
+    stamp = cfg.build_stamp(cfg.read_version(HERE / "dowser" / "_version.py"), HERE / "csrc")
+    stamp_dir = cfg.write_stamp_header(HERE / "build" / "dowser_stamp", stamp)
+    include_dirs = [str(p) for p in cfg.include_dirs(HERE / "csrc")] + [str(stamp_dir)]
     with_cuda, _why = cfg.cuda_decision(torch, cpp_extension.CUDA_HOME, cu)
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
@@ -58,13 +60,15 @@ def extension_config():
     class TolerantBuildExtension(cpp_extension.BuildExtension):
         """A failed compile leaves dowser installable; import dowser reports the fallback."""
 
-        def build_extension(self, ext):
+        def build_extensions(self):
+            # The whole step, not each extension: torch checks the compiler (runs `$CXX
+            # --version`) before it builds any, and that raises when there is no compiler.
             try:
-                super().build_extension(ext)
+                super().build_extensions()
             except Exception as exc:  # no compiler, broken toolchain, ...
                 if os.environ.get("DOWSER_STRICT_BUILD") == "1":
                     raise
-                print(f"dowser: building {ext.name} failed ({exc}); "
+                print(f"dowser: building dowser._C failed ({type(exc).__name__}: {exc}); "
                       "dowser will JIT-build it or use the reference ops", file=sys.stderr)
 
     return [ext], {"build_ext": TolerantBuildExtension.with_options(use_ninja=True)}
@@ -88,9 +92,11 @@ def editable_config():
     if not hasattr(editable_wheel, "_select_strategy"):
         return {}
 
+    # setuptools names its finder's module after the distribution (model-dowser):
+    # __editable___model_dowser_<version>_finder; ours is __editable___dowser_kernels_finder.
     first = ("import __editable___dowser_kernels_finder, sys; "
              "sys.meta_path.sort(key=lambda f: not getattr(f, '__module__', '')"
-             ".startswith('__editable___dowser_'))\n")
+             ".startswith(('__editable___model_dowser_', '__editable___dowser_')))\n")
     # kernels/ has no __init__.py (so it never shadows the `kernels` distribution), and
     # setuptools' editable finder only maps folders that have one: it would not find the
     # `dowser.kernels` package itself (its modules it finds). This finder makes it a namespace

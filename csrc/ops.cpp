@@ -4,6 +4,18 @@
 
 #include "cpu/kernels.h"
 #include "dowser.h"
+// Generated at build time (dowser/_build_config.py write_stamp_header): DOWSER_BUILD_STAMP
+// names the dowser version and the sources this extension was built from; dowser/_ext.py
+// refuses an extension whose stamp is not the one the Python layer expects. A compile outside
+// setup.py / the JIT (e.g. .ci/check_aarch64.sh) has none: "unstamped", never accepted.
+#if __has_include("dowser_stamp.h")
+#include "dowser_stamp.h"
+#endif
+#ifndef DOWSER_BUILD_STAMP
+#define DOWSER_BUILD_STAMP unstamped
+#endif
+#define DOWSER_STR_(x) #x
+#define DOWSER_STR(x) DOWSER_STR_(x)
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dowser C++ ops (CPU/OpenMP, and CUDA when built with it)";
@@ -12,6 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.attr("build_stamp") = DOWSER_STR(DOWSER_BUILD_STAMP);
   m.def("omp_max_threads", []() { return omp_get_max_threads(); });
   // issue 13: instruction-set dispatch of the CPU kernels
   m.def("cpu_capability", []() { return std::string(dowser::cpu_capability()); },

@@ -13,7 +13,7 @@ fit?), `dowser.integrations` (HF Trainer, TRL, PEFT).
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from dowser._version import __version__
 
 from dowser import ops
 from dowser._registry import backend_info

@@ -13,9 +13,15 @@ host and a wheel runs on any CPU of its architecture.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
+
+# The files of csrc/ that make up dowser._C (pyproject's package-data for dowser._csrc ships
+# the same set, so an installed package can rebuild and re-stamp it).
+SOURCE_GLOBS = ("*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cpu/isa/*.cpp", "include/dowser/*.h",
+                "cuda/*.cu", "cuda/*.cuh", "cuda/*.h")
 
 # Host C++ flags of every unit. -fno-math-errno keeps sqrtf one (vectorisable) instruction; it
 # changes no result. -ffp-contract=off is last so it wins over anything before it.
@@ -122,3 +128,39 @@ def sanitize_env(environ=os.environ) -> list[str]:
             keep = [f for f in environ[var].split() if not (f in FORBIDDEN or f.startswith("-march=native"))]
             environ[var] = " ".join(keep)
     return removed
+
+
+def source_digest(csrc: Path) -> str:
+    """sha256 (16 hex) over every source file of dowser._C: relative path and bytes."""
+    h = hashlib.sha256()
+    files = sorted({p for g in SOURCE_GLOBS for p in Path(csrc).glob(g) if p.is_file()})
+    for p in files:
+        h.update(p.relative_to(csrc).as_posix().encode() + b"\0")
+        h.update(p.read_bytes().replace(b"\r\n", b"\n") + b"\0")
+    return h.hexdigest()[:16]
+
+
+def read_version(version_file: Path) -> str:
+    """The version string of dowser/_version.py, read without importing dowser."""
+    m = re.search(r'^__version__\s*=\s*"([^"]+)"', Path(version_file).read_text(), re.M)
+    if m is None:
+        raise ValueError(f"no __version__ in {version_file}")
+    return m.group(1)
+
+
+def build_stamp(version: str, csrc: Path) -> str:
+    """What dowser._C is stamped with, and what the Python layer expects of it: the version
+    and the digest of the sources (one C identifier, so the preprocessor can stringify it)."""
+    return "v" + re.sub(r"[^0-9A-Za-z]", "_", version) + "_src" + source_digest(csrc)
+
+
+def write_stamp_header(folder: Path, stamp: str) -> Path:
+    """Write dowser_stamp.h (included by csrc/ops.cpp only, so a new stamp recompiles one
+    unit) into `folder`; rewritten only when it changes. Returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = f"#pragma once\n#define DOWSER_BUILD_STAMP {stamp}\n"
+    header = folder / "dowser_stamp.h"
+    if not header.is_file() or header.read_text() != text:
+        header.write_text(text)
+    return folder

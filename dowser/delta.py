@@ -14,7 +14,6 @@ The file is about rho of the masked layers' size, plus n/8 bytes of masks.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -23,38 +22,17 @@ import torch
 from torch import nn
 
 from dowser import _artifacts
+from dowser._artifacts import frozen_hash
 
 KIND = "dowser.Delta"
 
 __all__ = ["save_delta", "apply_delta", "frozen_hash"]
-
-_CHUNK = 1 << 22  # entries hashed per step: bounded temporaries for big matrices
 
 
 def _bool_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
     from dowser.ops import unpack_mask
 
     return unpack_mask(packed.detach().cpu(), (numel,))
-
-
-def frozen_hash(param: torch.Tensor, packed: torch.Tensor) -> str:
-    """sha256 (hex, 32 chars) of a parameter's frozen entries: dtype, shape, then the raw bytes
-    of every entry whose mask bit is 0, in row-major order. Same on every device."""
-    from dowser._checks import check_packed
-
-    from dowser.distributed import _is_dtensor
-
-    check_packed("mask", packed, param.numel())
-    h = hashlib.sha256(f"{param.dtype}:{tuple(param.shape)};".encode())
-    t = param.detach()
-    if _is_dtensor(t):  # a sharded parameter: every rank gathers it (a collective) and agrees
-        t = t.full_tensor()
-    flat = t.reshape(-1)
-    frozen = ~_bool_mask(packed, param.numel())
-    for start in range(0, flat.numel(), _CHUNK):
-        part = flat[start:start + _CHUNK].cpu()[frozen[start:start + _CHUNK]]
-        h.update(part.contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 def _base_tensors(base: Any) -> Mapping[str, torch.Tensor]:

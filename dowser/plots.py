@@ -20,6 +20,18 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: Any, dpi: int) -> None:
+    """Write `fig` to `path` atomically (a crash leaves the previous picture), in the format
+    that the target's name says, and close it."""
+    import os
+
+    from dowser._artifacts import atomic_path
+
+    with atomic_path(path) as tmp:  # the format from the target's name, not the temp file's
+        fig.savefig(tmp, dpi=dpi, format=os.path.splitext(str(path))[1].lstrip(".") or "png")
+    pyplot().close(fig)
+
+
 def _short(name: str) -> str:
     return re.sub(r"^.*?layers\.", "", name).replace(".weight", "").replace("self_attn.", "")
 
@@ -152,8 +164,7 @@ def plot_masks(masks, path: str) -> None:
     fig.suptitle(f"{method} masks: rho={rho}, scope={scope}, "
                  f"{meta.get('model_name', '')}; left of the red line trains", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_bench(rows: list[dict], path, title: str = "dowser benchmark suite") -> None:
@@ -182,5 +193,4 @@ def plot_bench(rows: list[dict], path, title: str = "dowser benchmark suite") ->
         ax.set_xlim(0, max(vals) * 1.25)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_size_inches()[1]))  # room for the title
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if not (ROOT / "README.md").is_file():  # tests copied out to check an installed package
+    pytest.skip("needs the source tree's README.md and docs/", allow_module_level=True)
 README = (ROOT / "README.md").read_text()
 
 

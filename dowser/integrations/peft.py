@@ -221,8 +221,10 @@ def export_adapter(model: nn.Module, masks: Mapping[str, torch.Tensor], path: st
     config.save_pretrained(os.fspath(path))
     from safetensors.torch import save_file
 
-    save_file(tensors, os.path.join(os.fspath(path), "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    from dowser._artifacts import atomic_path
+
+    with atomic_path(os.path.join(os.fspath(path), "adapter_model.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
     return {"sparsity": sparsity, "slots": total_slots,
             "trainable": sum(k for k, _ in counts.values()), "two_slot": two_slot,
             "inexact": inexact, "max_abs_error": max_err}

@@ -1,6 +1,7 @@
 """Shared test setup: Triton in interpreter mode on CPU-only hosts, gpu/slow markers, backends."""
 
 import os
+from pathlib import Path
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -13,6 +14,17 @@ if not torch.cuda.is_available():
 from dowser import _registry  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SOURCE_TREE = Path(__file__).resolve().parents[1]
+
+
+def source_path(*parts: str) -> Path:
+    """A file of the clone that is not part of the package (bench/, pyproject.toml). Where the
+    tests run against an installed wheel, outside the clone (.ci/run's wheel block), the test
+    that needs it is skipped, saying so."""
+    path = SOURCE_TREE.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs the source tree's {'/'.join(parts)} (tests run outside the clone)")
+    return path
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,6 +18,9 @@ CASES = ["test_select_naive", "test_select_dowser", "test_pack_reference", "test
 
 
 def _pytest(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    from tests.conftest import source_path
+
+    source_path("bench", "conftest.py")
     env = {k: v for k, v in os.environ.items() if k != "DOWSER_CPU_CAPABILITY"}
     pytest.importorskip("pytest_benchmark")
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=ROOT,
@@ -25,7 +28,9 @@ def _pytest(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_default_run_does_not_collect_the_benchmarks():
-    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    from tests.conftest import source_path
+
+    cfg = tomllib.loads(source_path("pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert cfg["testpaths"] == ["tests"]
     assert not list((ROOT / "tests").glob("test_bench_*ops.py"))  # the suite stays in bench/
 

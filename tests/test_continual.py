@@ -221,7 +221,9 @@ def _continual_bench():
     import sys
     from pathlib import Path
 
-    bench = Path(__file__).resolve().parent.parent / "bench"
+    from tests.conftest import source_path
+
+    bench = source_path("bench")
     sys.path.insert(0, str(bench))
     spec = importlib.util.spec_from_file_location("continual_bench", bench / "continual.py")
     mod = importlib.util.module_from_spec(spec)

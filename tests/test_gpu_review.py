@@ -398,12 +398,9 @@ def test_reference_has_no_fp32_matmul(monkeypatch):
 # ---- CUDA architectures: what the build emits, and the fallback -----------------------------
 
 def _build_config():
-    import importlib.util
+    from dowser import _build_config
 
-    spec = importlib.util.spec_from_file_location("_bc", ROOT / "dowser" / "_build_config.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _build_config
 
 
 def test_arch_policy():

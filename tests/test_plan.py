@@ -14,7 +14,6 @@ import dowser
 from dowser import cli
 from dowser.plan import GiB, count_model, plan_memory
 
-CONFIGS = Path(__file__).resolve().parent.parent / "bench" / "configs"
 TINY = dict(model_type="llama", hidden_size=96, intermediate_size=200, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
             max_position_embeddings=128, tie_word_embeddings=False)
@@ -43,7 +42,9 @@ def test_counts_match_a_real_model():
 
 
 def test_llama2_7b_parameter_count():
-    counts, _, _ = count_model(CONFIGS / "llama-2-7b.json", dtype="bf16")
+    from tests.conftest import source_path
+
+    counts, _, _ = count_model(source_path("bench", "configs", "llama-2-7b.json"), dtype="bf16")
     assert counts.n_params == 6_738_415_616  # the published Llama-2-7B count
     assert counts.n_layers == 32 and len(counts.masked) == 224
 

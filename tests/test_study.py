@@ -17,6 +17,9 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 @pytest.fixture(scope="module")
 def study():
+    from tests.conftest import source_path
+
+    source_path("bench", "forgetting.py")
     sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location("forgetting_study", BENCH / "forgetting.py")
     mod = importlib.util.module_from_spec(spec)

@@ -74,7 +74,7 @@ TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 FIELDS = ["config", "method", "rho", "probe", "layers", "lr", "seed", "steps", "batch", "trainable", "A_up", "CE_up",
           "dA_up", "dCE_up", "A_down", "A_down_exact", "Avg", "H", "A_down_curve", "val_A_up",
           "val_A_down", "val_H", "loss_end", "train_s", "step_s", "probe_s", "eval_s",
-          "frozen_changed", "mask_method"]
+          "frozen_changed", "mask_method"] + ["meter_kl", "meter_kl_se", "meter_ce", "meter_agree", "meter_s"]
 
 
 def runs_path(device: str, tag: str = "") -> Path:
@@ -169,6 +169,7 @@ class Study:
         self.down_val = cipher_examples(tok, args.down_val, seed=3000, bos_id=bos, exclude=self.down_test)
         self.held_out = self.down_test + self.down_val
         self.zero = upstream_metrics(self.base, self.up_test)
+        self.meter = build_meter(self.base, self.dm.probe_tokenizer, args)
         self.cache = Path(args.cache)
         self.cache.mkdir(parents=True, exist_ok=True)
 
@@ -268,6 +269,7 @@ class Study:
                     "step_s": round(train_s / max(1, a.steps), 3), "eval_s": round(eval_s[0], 1)})
         if before is not None:
             row["frozen_changed"] = frozen_changed(model, before, masks)
+        row.update(meter_columns(self.meter, model))
         return row
 
     def zero_shot_row(self) -> dict:
@@ -278,7 +280,7 @@ class Study:
         return {"config": "zero-shot", "method": "zero-shot", "layers": 0, "lr": "", "seed": 0,
                 "trainable": 0, **res, "dA_up": 0.0, "dCE_up": 0.0, "val_A_up": val_up,
                 "val_A_down": val_down, "val_H": hscore(val_up, val_down),
-                "eval_s": round(time.perf_counter() - t0, 1)}
+                "eval_s": round(time.perf_counter() - t0, 1), **meter_columns(self.meter, self.base)}
 
 
 def make_masks(model: torch.nn.Module, stats, rho: float, method: str, seed: int, modules: list[str]):
@@ -287,6 +289,23 @@ def make_masks(model: torch.nn.Module, stats, rho: float, method: str, seed: int
     if stats is None:
         return dowser.build_masks(model, None, rho=rho, method=method, seed=seed, targets=modules)
     return dowser.build_masks(model, stats, rho=rho, method=method, seed=seed)
+
+
+def build_meter(base: torch.nn.Module, tokenizer, args: argparse.Namespace) -> dowser.ForgettingMeter:
+    """The data-free forgetting meter of the study (docs/forgetting.md): the base writes
+    `--meter-samples` texts once; every run is measured on them after its evaluation."""
+    meter = dowser.ForgettingMeter(base, tokenizer, n_samples=args.meter_samples,
+                                   max_tokens=args.meter_tokens, seed=args.meter_seed)
+    print(f"forgetting meter: {args.meter_samples} samples x {args.meter_tokens} tokens written in "
+          f"{meter.build_seconds:.1f} s", flush=True)
+    return meter
+
+
+def meter_columns(meter: dowser.ForgettingMeter, model: torch.nn.Module) -> dict:
+    """The meter's CSV columns for one tuned model (measured last, so no other column moves)."""
+    r = meter.measure(model)
+    return {"meter_kl": f"{r.kl:.6g}", "meter_kl_se": f"{r.kl_se:.3g}", "meter_ce": f"{r.ce:.6g}",
+            "meter_agree": f"{r.agreement:.5f}", "meter_s": f"{r.seconds:.2f}"}
 
 
 def trainable_count(model: torch.nn.Module, masks) -> int:
@@ -582,6 +601,9 @@ def main() -> None:
     ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
                     help="tiny: the built-in 4-layer model (use --depths 4 2 --tag=-tiny)")
     ap.add_argument("--lr-scale", type=float, default=1.0, help="multiply every lr of the grid")
+    ap.add_argument("--meter-samples", type=int, default=32, help="forgetting meter: texts the base writes")
+    ap.add_argument("--meter-tokens", type=int, default=64, help="forgetting meter: tokens per text")
+    ap.add_argument("--meter-seed", type=int, default=0, help="forgetting meter: seed of its samples")
     ap.add_argument("--tag", default="", help="infix of the output names (e.g. -smoke)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args()

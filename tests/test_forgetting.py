@@ -36,7 +36,7 @@ def _exact_kl_on_contexts(meter, base, tuned):
 
 def test_estimator_matches_exact_kl_within_its_standard_error():
     base = tiny_llama(vocab=16, seed=0)
-    tuned = _perturbed(base, 0.05)
+    tuned = _perturbed(base, 0.1)
     meter = ForgettingMeter(base, n_samples=512, max_tokens=16, seed=3, batch_size=128)
     r = meter.measure(tuned)
     exact = _exact_kl_on_contexts(meter, base, tuned)
@@ -69,14 +69,14 @@ def test_zero_for_a_dowser_run_with_rho_zero():
         opt.step()
         opt.zero_grad()
     assert meter.measure(model).kl == 0.0
-    # the same run at rho = 0.5 does drift
+    # the same run at rho = 0.5 does move it (a random tiny model: the sign is noise)
     masks = dowser.build_masks(model, stats, rho=0.5)
     opt = dowser.MaskedAdamW([params[n] for n in masks], masks, model=model, lr=1e-2)
     for _ in range(3):
         model(input_ids=data, labels=data).loss.backward()
         opt.step()
         opt.zero_grad()
-    assert meter.measure(model).kl > 0
+    assert meter.measure(model).kl != 0.0
 
 
 def test_grows_with_the_learning_rate():
@@ -121,7 +121,7 @@ def test_measure_keeps_modes_dtype_and_grads():
     bf = copy.deepcopy(base).to(torch.bfloat16)
     r = meter.measure(bf)  # runs in bf16: a small, nonzero drift from the fp32 base
     assert next(bf.parameters()).dtype == torch.bfloat16
-    assert 0 < r.kl < 0.05 and r.agreement > 0.8
+    assert r.ce != r.base_ce and abs(r.kl) < 0.01 and r.agreement > 0.8
 
 
 @pytest.mark.parametrize("build", [tiny_llava, tiny_qwen2_vl])
@@ -129,7 +129,9 @@ def test_vision_language_models(build):
     base = build(seed=0)
     meter = ForgettingMeter(base, n_samples=4, max_tokens=12, seed=0, batch_size=2)
     assert meter.measure(copy.deepcopy(base)).kl == 0.0
-    assert meter.measure(_perturbed(base, 0.05)).kl > 0
+    tuned = _perturbed(base, 0.05)
+    r = meter.measure(tuned)
+    assert r.kl != 0.0 and abs(r.kl - _exact_kl_on_contexts(meter, base, tuned)) < 4 * r.kl_se
 
 
 def test_bad_input_one_line():
@@ -177,11 +179,14 @@ def test_callback_logs_through_the_trainer(tmp_path):
     model = tiny_llama(seed=0)
     meter = ForgettingMeter(model, n_samples=8, max_tokens=16, seed=0)
     trainer = _trainer(model, tmp_path, 4)
-    seen = []
+    seen, modes = [], []
 
     class Spy(transformers.TrainerCallback):  # what a TensorBoard/W&B callback receives
         def on_log(self, args, state, control, logs=None, **kw):
             seen.append(dict(logs))
+
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            modes.append(model.training)
 
     trainer.add_callback(Spy())
     cb = watch_forgetting(trainer, meter, every=2)
@@ -193,7 +198,7 @@ def test_callback_logs_through_the_trainer(tmp_path):
     assert {"forgetting/kl_se", "forgetting/ce", "forgetting/agreement", "forgetting/seconds",
             "forgetting/cost_in_steps"} <= set(logged[-1])
     assert sum("forgetting/kl" in s for s in seen) == 2
-    assert model.training  # Trainer's mode is left alone
+    assert modes == [True] * 4  # training goes on in train mode after a measurement
 
 
 def test_callback_stops_or_warns_at_the_budget(tmp_path):
@@ -221,3 +226,55 @@ def test_callback_stops_or_warns_at_the_budget(tmp_path):
     trainer.add_callback(unbound)
     with warnings.catch_warnings(), pytest.raises(ValueError, match="watch_forgetting"):
         trainer.train()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _cli(argv, capsys):
+    from dowser import cli
+
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_argument_errors_before_any_model_loads(monkeypatch, capsys, tmp_path):
+    import json
+
+    from dowser import cli
+
+    def no_load(*a, **k):
+        pytest.fail("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "_load_model", no_load)
+    base, other = tmp_path / "base", tmp_path / "other"
+    for d, vocab in ((base, 97), (other, 50)):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2,
+                                                   "vocab_size": vocab}))
+    cases = [((base,), "TUNED, or BASE plus --delta"),
+             ((base, base, "--delta", tmp_path / "d.safetensors"), "one of the two"),
+             ((base, "--delta", tmp_path / "missing.safetensors"), "no such file"),
+             ((base, tmp_path / "nowhere"), "no such directory"),
+             ((base, other), "vocabulary of 50"),
+             ((base, base, "--max-tokens", "4"), "at least 8"),
+             ((base, base, "--n-samples", "0"), "at least 1")]
+    for args, msg in cases:
+        rc, out, err = _cli(["forgetting", *args], capsys)
+        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    import json
+
+    base = tiny_llama(seed=0)
+    base.save_pretrained(tmp_path / "base")
+    _perturbed(base, 0.05).save_pretrained(tmp_path / "tuned")
+    rc, out, err = _cli(["forgetting", tmp_path / "base", tmp_path / "base", "--n-samples", "4",
+                         "--max-tokens", "12", "--json"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["kl"] == 0.0
+    rc, out, err = _cli(["forgetting", tmp_path / "base", tmp_path / "tuned", "--n-samples", "4",
+                         "--max-tokens", "12"], capsys)
+    assert rc == 0 and "KL(base || tuned)" in out, err

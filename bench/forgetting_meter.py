@@ -34,11 +34,11 @@ BEGIN, END = "<!-- meter:begin (bench/forgetting_meter.py) -->", "<!-- meter:end
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman's rho (average ranks for ties); nan for fewer than 3 points or no spread."""
-    from scipy.stats import spearmanr
+    from scipy.stats import rankdata
 
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
-    return float(spearmanr(x, y).statistic)
+    return float(np.corrcoef(rankdata(x), rankdata(y))[0, 1])  # = scipy's spearmanr, faster
 
 
 def bootstrap_ci(x: np.ndarray, y: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:

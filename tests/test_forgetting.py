@@ -53,6 +53,18 @@ def test_estimator_matches_exact_kl_within_its_standard_error():
     assert r.kl_se < 0.1 * exact
     assert abs(r.kl - exact) < 3 * r.kl_se, (r.kl, exact, r.kl_se)
     assert math.isclose(r.ce - r.base_ce, r.kl, rel_tol=1e-9, abs_tol=1e-12)
+    # the samples come from p_base itself: the base's CE on them estimates its exact entropy on
+    # the same contexts (a tempered or truncated sampler gives a lower CE: this fails)
+    with torch.no_grad():
+        lb = torch.log_softmax(base(input_ids=meter.ids.long()).logits[:, :-1].double(), -1)
+    ent = -(lb.exp() * lb).sum(-1)
+    m = meter.scored
+    s_i = torch.where(m, -meter.base_logp.double(), 0.0).sum(1)
+    e_i = torch.where(m, ent, 0.0).sum(1)
+    n_i = m.sum(1).double()
+    d_i = s_i - e_i  # per-sample (sampled CE - exact entropy), ratio estimator over samples
+    se = float(((d_i - d_i.sum() / n_i.sum() * n_i) ** 2).sum().sqrt() / n_i.sum())
+    assert abs(float(d_i.sum() / n_i.sum())) < 3 * se, (float(d_i.sum() / n_i.sum()), se)
 
 
 def test_zero_for_an_unchanged_model_and_top1_agrees():

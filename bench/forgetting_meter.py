@@ -10,7 +10,7 @@ Spearman rank correlation of meter_kl with the held-out forgetting dCE_up and wi
 with a 95% bootstrap interval (runs resampled with replacement), the same for the mask runs,
 LoRA and full FT separately, the runs where the two rankings disagree most, the cost of one
 measurement next to one training step, and a scatter plot. It writes
-bench/results/forgetting-meter-cpu.md / .png and the results block of docs/forgetting.md.
+bench/results/forgetting-meter-analysis-cpu.md / .png and the results block of docs/forgetting.md.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--csv", default=str(RESULTS / "forgetting-meter-runs-cpu.csv"))
     ap.add_argument("--depths", type=int, nargs="+", default=[30, 8])
     ap.add_argument("--total", type=int, default=126, help="runs in the whole grid (for the done count)")
-    ap.add_argument("--out", default="forgetting-meter-cpu", help="name of the .md/.png in bench/results")
+    ap.add_argument("--out", default="forgetting-meter-analysis-cpu", help="name of the .md/.png in bench/results (not forgetting-meter-cpu: bench/forgetting.py --tag=-meter writes that)")
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/forgetting.md")
     args = ap.parse_args()
     path = Path(args.csv)

@@ -159,13 +159,6 @@ def task_sets(task: str, tok, bos: int | None, n_test: int, n_val: int):
     raise SystemExit(f"unknown task {task!r}: one of {', '.join(TASK_NAMES)}")
 
 
-def forgetting_meter_columns(study: "Study", model: torch.nn.Module) -> dict:
-    """HOOK for the forgetting meter (dowser.ForgettingMeter, the forgetting-meter issue): once it
-    lands, return its columns for `model` here (and add them to FIELDS); every grid's run() calls
-    this after training. Until then: no columns."""
-    return {}
-
-
 def lora_model(model: torch.nn.Module, modules: list[str], rank: int):
     """PEFT LoRA (alpha = 2 * rank, no dropout) on `modules`, base weights frozen."""
     from peft import LoraConfig, get_peft_model
@@ -177,7 +170,7 @@ TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 FIELDS = ["config", "method", "rho", "probe", "layers", "lr", "seed", "steps", "batch", "trainable", "A_up", "CE_up",
           "dA_up", "dCE_up", "A_down", "A_down_exact", "Avg", "H", "A_down_curve", "val_A_up",
           "val_A_down", "val_H", "loss_end", "train_s", "step_s", "probe_s", "eval_s",
-          "frozen_changed", "mask_method"]
+          "frozen_changed", "mask_method"] + ["meter_kl", "meter_kl_se", "meter_ce", "meter_agree", "meter_s"]
 
 
 def runs_path(device: str, tag: str = "") -> Path:
@@ -268,6 +261,7 @@ class Study:
         self.down_test, self.down_val, self.train_examples = task_sets(args.task, tok, bos, args.down_test,
                                                                        args.down_val)
         self.zero = upstream_metrics(self.base, self.up_test)
+        self.meter = build_meter(self.base, self.dm.probe_tokenizer, args)
         self.cache = Path(args.cache)
         self.cache.mkdir(parents=True, exist_ok=True)
 
@@ -370,7 +364,7 @@ class Study:
                     "step_s": round(train_s / max(1, a.steps), 3), "eval_s": round(eval_s[0], 1)})
         if before is not None:
             row["frozen_changed"] = frozen_changed(model, before, masks)
-        row.update(forgetting_meter_columns(self, model))
+        row.update(meter_columns(self.meter, model))
         return row
 
     def zero_shot_row(self) -> dict:
@@ -381,7 +375,7 @@ class Study:
         return {"config": "zero-shot", "method": "zero-shot", "layers": 0, "lr": "", "seed": 0,
                 "trainable": 0, **res, "dA_up": 0.0, "dCE_up": 0.0, "val_A_up": val_up,
                 "val_A_down": val_down, "val_H": hscore(val_up, val_down),
-                "eval_s": round(time.perf_counter() - t0, 1)}
+                "eval_s": round(time.perf_counter() - t0, 1), **meter_columns(self.meter, self.base)}
 
 
 def make_masks(model: torch.nn.Module, stats, rho: float, method: str, seed: int, modules: list[str]):
@@ -390,6 +384,23 @@ def make_masks(model: torch.nn.Module, stats, rho: float, method: str, seed: int
     if stats is None:
         return dowser.build_masks(model, None, rho=rho, method=method, seed=seed, targets=modules)
     return dowser.build_masks(model, stats, rho=rho, method=method, seed=seed)
+
+
+def build_meter(base: torch.nn.Module, tokenizer, args: argparse.Namespace) -> dowser.ForgettingMeter:
+    """The data-free forgetting meter of the study (docs/forgetting.md): the base writes
+    `--meter-samples` texts once; every run is measured on them after its evaluation."""
+    meter = dowser.ForgettingMeter(base, tokenizer, n_samples=args.meter_samples,
+                                   max_tokens=args.meter_tokens, seed=args.meter_seed)
+    print(f"forgetting meter: {args.meter_samples} samples x {args.meter_tokens} tokens written in "
+          f"{meter.build_seconds:.1f} s", flush=True)
+    return meter
+
+
+def meter_columns(meter: dowser.ForgettingMeter, model: torch.nn.Module) -> dict:
+    """The meter's CSV columns for one tuned model (measured last, so no other column moves)."""
+    r = meter.measure(model)
+    return {"meter_kl": f"{r.kl:.6g}", "meter_kl_se": f"{r.kl_se:.3g}", "meter_ce": f"{r.ce:.6g}",
+            "meter_agree": f"{r.agreement:.5f}", "meter_s": f"{r.seconds:.2f}"}
 
 
 def trainable_count(model: torch.nn.Module, masks) -> int:
@@ -769,6 +780,9 @@ def main() -> None:
     ap.add_argument("--join-tags", nargs="*", default=[], metavar="TAG",
                     help="report only: also table the curves of these grids' runs CSVs (same budget)")
     ap.add_argument("--lr-scale", type=float, default=1.0, help="multiply every lr of the grid")
+    ap.add_argument("--meter-samples", type=int, default=32, help="forgetting meter: texts the base writes")
+    ap.add_argument("--meter-tokens", type=int, default=64, help="forgetting meter: tokens per text")
+    ap.add_argument("--meter-seed", type=int, default=0, help="forgetting meter: seed of its samples")
     ap.add_argument("--tag", default="", help="infix of the output names (e.g. -smoke)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = apply_grid(ap.parse_args(), sys.argv[1:])

@@ -8,7 +8,8 @@ Entry points: `dowser.probe` (sensitivities), `dowser.build_masks` (exact bottom
 `dowser.prepare` (both, plus freezing), `dowser.MaskedAdamW` / `dowser.MaskedSGD` (the masked
 step), `dowser.mask_gradients` (hook mode for other optimizers), `dowser.ops` (the kernels),
 `dowser.save_delta` / `dowser.apply_delta` (small task files), `dowser.plan_memory` (will it
-fit?), `dowser.integrations` (HF Trainer, TRL, PEFT).
+fit?), `dowser.ForgettingMeter` (data-free drift from the base, KL per token),
+`dowser.integrations` (HF Trainer, TRL, PEFT).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from dowser.delta import apply_delta, save_delta
 from dowser.plan import plan_memory
 from dowser.probe import ProbeEntry, ProbeStats
 from dowser.selfcheck import selfcheck
+from dowser.forgetting import ForgettingMeter, ForgettingResult
 
 __all__ = ["__version__", "ops", "backend_info", "selfcheck", "probe", "ProbeStats", "ProbeEntry",
            "build_masks", "MaskSet", "prepare", "MaskedAdamW", "MaskedSGD", "mask_gradients",
-           "build_masks_excluding", "save_delta", "apply_delta", "plan_memory", "build_lora_masks"]
+           "build_masks_excluding", "save_delta", "apply_delta", "plan_memory",
+           "ForgettingMeter", "ForgettingResult", "build_lora_masks"]

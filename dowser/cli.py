@@ -328,6 +328,66 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_vocab(model: str) -> int | None:
+    """vocab_size from a model directory's config.json (the text config's), None otherwise."""
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    for holder in (cfg.get("text_config") or {}, cfg) if isinstance(cfg, dict) else ():
+        if isinstance(holder.get("vocab_size"), int):
+            return holder["vocab_size"]
+    return None
+
+
+def _cmd_forgetting(args: argparse.Namespace) -> int:
+    if (args.tuned is None) == (args.delta is None):
+        raise UsageError("pass the tuned model as TUNED, or BASE plus --delta FILE (one of the two)")
+    if args.delta is not None and not os.path.isfile(args.delta):
+        raise UsageError(f"--delta {args.delta}: no such file (a delta written by dowser.save_delta)")
+    if args.max_tokens < 8:
+        raise UsageError("--max-tokens must be at least 8 (BOS, up to 5 random ids, then samples)")
+    if args.n_samples < 2:
+        raise UsageError("--n-samples must be at least 2 (the standard error needs two samples)")
+    _model_layers(args.base)
+    if args.tuned is not None:
+        _model_layers(args.tuned)
+        vb, vt = _config_vocab(args.base), _config_vocab(args.tuned)
+        if vb is not None and vt is not None and vb != vt:
+            raise UsageError(f"{args.tuned} has a vocabulary of {vt}, {args.base} of {vb}: "
+                             "not a fine-tune of that base")
+    _check_device(args.device)
+
+    import dowser
+
+    base, tokenizer = _load_model(args.base, args.dtype)
+    if args.device:
+        base.to(args.device)
+    meter = dowser.ForgettingMeter(base, tokenizer, n_samples=args.n_samples, max_tokens=args.max_tokens,
+                                   seed=args.seed, batch_size=args.batch_size)
+    if args.delta is not None:
+        dowser.apply_delta(base, args.delta)  # the meter keeps only samples and log-probs
+        tuned = base
+    else:
+        tuned = _load_model(args.tuned, args.dtype)[0]
+        if args.device:
+            tuned.to(args.device)
+    r = meter.measure(tuned)
+    if args.json:
+        print(json.dumps({**r.as_dict(), "build_seconds": meter.build_seconds}, indent=2))
+    else:
+        print(f"KL(base || tuned)  {r.kl:.5f} ± {r.kl_se:.5f} nats/token")
+        print(f"CE on base samples {r.ce:.4f} nats/token (base {r.base_ce:.4f})")
+        print(f"top-1 agreement    {r.agreement:.4f}")
+        print(f"({r.n_samples} samples written by the base, {r.n_tokens} tokens; "
+              f"writing {meter.build_seconds:.1f} s, measuring {r.seconds:.1f} s)")
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from dowser import _artifacts
 
@@ -534,6 +594,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_inspect)
     _add_plan_parser(sub)
     _add_bench_parser(sub)
+    p = sub.add_parser("forgetting", help="data-free forgetting: KL of a fine-tune from its base "
+                                          "on text the base writes itself")
+    p.add_argument("base", help="the model before fine-tuning (directory, .gguf file or Hub id)")
+    p.add_argument("tuned", nargs="?", default=None, help="the fine-tuned model (or pass --delta)")
+    p.add_argument("--delta", default=None, help="a dowser delta file to apply to BASE instead of TUNED")
+    p.add_argument("--n-samples", type=_positive_int, default=32, help="texts the base writes")
+    p.add_argument("--max-tokens", type=_positive_int, default=64, help="tokens per text")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--device", default=None, help="e.g. cuda (default: where it loads)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_cmd_forgetting)
     return parser
 
 

@@ -104,13 +104,19 @@ def last_layer_params(model: torch.nn.Module, layers: int) -> list[str]:
     return names
 
 
+def _meter_cols(meter: Any, model: torch.nn.Module) -> dict:
+    r = meter.measure(model)
+    return {"meter_kl": r.kl, "meter_kl_se": r.kl_se, "meter_agree": r.agreement}
+
+
 def _format(rows: list[dict]) -> str:
-    head = (f"{'method':<26} {'trainable':>10} {'A_up':>7} {'dA_up':>7} {'dCE_up':>7} {'A_down':>7} "
-            f"{'exact':>6} {'H':>7} {'train s':>8}")
+    head = (f"{'method':<26} {'trainable':>10} {'A_up':>7} {'dA_up':>7} {'dCE_up':>7} {'meter KL':>16} "
+            f"{'A_down':>7} {'exact':>6} {'H':>7} {'train s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        kl = f"{r['meter_kl']:.4f} ± {r['meter_kl_se']:.4f}" if "meter_kl" in r else ""
         lines.append(f"{r['method']:<26} {r['trainable']:>10,} {r['A_up']:>7.3f} {r['dA_up']:>+7.3f} "
-                     f"{r['dCE_up']:>+7.3f} {r['A_down']:>7.3f} "
+                     f"{r['dCE_up']:>+7.3f} {kl:>16} {r['A_down']:>7.3f} "
                      f"{r['A_down_exact']:>6.3f} {r['H']:>7.3f} {r['seconds']:>8.1f}")
     return "\n".join(lines)
 
@@ -164,7 +170,8 @@ def run_demo(model: str = "auto", rho: float = 0.5, steps: int | None = None, se
     on the same batches. Prints the table and returns its rows, one dict per method:
 
     method, trainable (entries that can change), A_up / CE_up (held-out next-token accuracy and
-    cross-entropy), dA_up / dCE_up (their change from zero-shot: forgetting), A_down (cipher
+    cross-entropy), dA_up / dCE_up (their change from zero-shot: forgetting), meter_kl /
+    meter_kl_se / meter_agree (dowser.ForgettingMeter: data-free drift from the base), A_down (cipher
     answer-token accuracy), A_down_exact (whole answers right), A_down_curve (A_down after
     every quarter of training), Avg, H,
     seconds (training time), and for the masked runs frozen_changed (frozen entries that moved:
@@ -202,8 +209,10 @@ def run_demo(model: str = "auto", rho: float = 0.5, steps: int | None = None, se
           f"({len(test_ex)} test prompts); upstream: held-out stdlib docs ({up.numel()} tokens); "
           f"{steps} steps of batch 8 at lr {lr:g} for every method; rho={rho}")
     zero = evaluate(dm.model, up, test_ex, dm.pad_id, progress=progress)
+    # the data-free forgetting meter (docs/forgetting.md): the base writes its texts once
+    meter = dowser.ForgettingMeter(dm.model, dm.probe_tokenizer, n_samples=32, max_tokens=64, seed=seed)
     rows = [{"method": "zero-shot", "trainable": 0, "seconds": 0.0, "A_down_curve": [], **zero,
-             "dA_up": 0.0, "dCE_up": 0.0}]
+             "dA_up": 0.0, "dCE_up": 0.0, **_meter_cols(meter, dm.model)}]
     checkpoints = [max(1, round(steps * q / 4)) for q in (1, 2, 3, 4)]
 
     def finetune(label: str, net: torch.nn.Module, opt: torch.optim.Optimizer, trainable: int,
@@ -223,7 +232,8 @@ def run_demo(model: str = "auto", rho: float = 0.5, steps: int | None = None, se
         res = evaluate(net, up, test_ex, dm.pad_id, progress=progress)
         row = {"method": label, "trainable": trainable, "seconds": seconds,
                "A_down_curve": curve + [res["A_down"]], **res,
-               "dA_up": res["A_up"] - zero["A_up"], "dCE_up": res["CE_up"] - zero["CE_up"], **extra}
+               "dA_up": res["A_up"] - zero["A_up"], "dCE_up": res["CE_up"] - zero["CE_up"],
+               **_meter_cols(meter, net), **extra}
         rows.append(row)
         return row
 
@@ -261,7 +271,9 @@ def run_demo(model: str = "auto", rho: float = 0.5, steps: int | None = None, se
     print("\nA_up: next-token top-1 accuracy on held-out stdlib docs (dA_up, dCE_up: change from "
           "zero-shot; forgetting is dA_up < 0, dCE_up > 0); A_down: answer-token accuracy on "
           "the digit cipher (exact: whole answers right); H: harmonic mean of A_up and A_down. "
-          "trainable: entries that can change.")
+          "trainable: entries that can change. meter KL: data-free forgetting, KL(base || tuned) "
+          f"per token on {meter.n_samples} texts the base wrote itself (± its standard error; "
+          "no held-out data needed, see docs/forgetting.md).")
     for r in rows[2:]:
         print(f"{r['method']}: probe + masks {r['probe_s']:.1f} s; frozen entries changed by "
               f"fine-tuning: {r['frozen_changed']}")

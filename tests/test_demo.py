@@ -53,5 +53,8 @@ def test_tiny_demo_learns_forgets_and_leaves_frozen_entries(capsys, tmp_path):
     assert mask["trainable"] == rand["trainable"] < full["trainable"]
     out = capsys.readouterr().out
     assert "dA_up" in out and "dCE_up" in out and "frozen entries changed by fine-tuning: 0" in out
+    # the forgetting meter: 0 for the base, a drift for every fine-tune (docs/forgetting.md)
+    assert zero["meter_kl"] == 0.0 and "meter KL" in out
+    assert all(r["meter_kl"] != 0.0 and r["meter_kl_se"] > 0 for r in (full, mask, rand))
     pytest.importorskip("matplotlib")
     assert pic.exists() and pic.stat().st_size > 0

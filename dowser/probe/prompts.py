@@ -8,6 +8,8 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -104,7 +106,9 @@ def warp_logits(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def synthetic_prompts(model: nn.Module, tokenizer: Any = None, *, batch: int, n_rows: int,
-                      seq_len: int = 64, seed: int = 0) -> torch.Tensor:
+                      seq_len: int = 64, seed: int = 0,
+                      warp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = warp_logits,
+                      ) -> torch.Tensor:
     """The data-free prompts of probe batch `batch` (n_rows x seq_len token ids), as the authors
     make them: BOS + 1-5 uniformly random non-special ids (specials replaced by BOS), then the
     model samples the rest (temperature 0.9, top-p 0.9, repetition penalty 1.05). All draws come
@@ -112,11 +116,13 @@ def synthetic_prompts(model: nn.Module, tokenizer: Any = None, *, batch: int, n_
 
     The seed length is drawn once per batch so the batch needs no padding (attention mask all
     ones); a sequence that emits EOS continues with the pad id (EOS where there is none).
+
+    `warp=None` samples from the model's own distribution (temperature 1, no top-p, top-k or
+    penalty): the same starts and generator, for dowser.ForgettingMeter.
     """
     bos, eos, pad, special, vocab = special_ids(model, tokenizer)
     gen = torch.Generator().manual_seed(derive_seed(seed, batch, "prompt"))
-    n_seed = int(torch.randint(1, MAX_SEED_TOKENS + 1, (1,), generator=gen))
-    n_seed = min(n_seed, max(seq_len - 1, 0))
+    n_seed = _seed_length(gen, seq_len)
     rand = torch.randint(0, vocab, (n_rows, n_seed), generator=gen)
     if special:
         is_special = torch.isin(rand, torch.tensor(sorted(special)))
@@ -132,7 +138,9 @@ def synthetic_prompts(model: nn.Module, tokenizer: Any = None, *, batch: int, n_
         kwargs = {} if cache_kw is None else {cache_kw: past, "use_cache": True}
         out = model(input_ids=cur.to(dev), **kwargs)
         past = None if cache_kw is None else _output_field(out, cache_kw)
-        logits = warp_logits(ids, logits_of(out)[:, -1, :].float().cpu())
+        logits = logits_of(out)[:, -1, :].float().cpu()
+        if warp is not None:
+            logits = warp(ids, logits)
         nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=gen).squeeze(1)
         if fill is not None:
             nxt = torch.where(finished, torch.full_like(nxt, fill), nxt)
@@ -148,6 +156,17 @@ def synthetic_prompts(model: nn.Module, tokenizer: Any = None, *, batch: int, n_
             ids = torch.cat([ids, pad_cols], dim=1)
             break
     return ids
+
+
+def _seed_length(gen: torch.Generator, seq_len: int) -> int:
+    # the first draw of a batch's prompt stream: how many random ids follow BOS
+    n_seed = int(torch.randint(1, MAX_SEED_TOKENS + 1, (1,), generator=gen))
+    return min(n_seed, max(seq_len - 1, 0))
+
+
+def start_length(seed: int, batch: int, seq_len: int) -> int:
+    """Tokens before the sampled part in batch `batch`'s prompts (BOS + the random ids)."""
+    return 1 + _seed_length(torch.Generator().manual_seed(derive_seed(seed, batch, "prompt")), seq_len)
 
 
 def cache_keyword(model: nn.Module) -> str | None:

@@ -41,6 +41,14 @@ def environment(device: str = "cpu") -> dict[str, str]:
     }
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a results CSV (none when it does not exist yet: a study starts or resumes)."""
+    if not path.exists():
+        return []
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 

@@ -50,7 +50,7 @@ from typing import Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, pyplot  # noqa: E402
+from common import RESULTS, environment, pyplot, read_rows  # noqa: E402
 
 import dowser  # noqa: E402
 from dowser.finetune import freeze_outside, hscore, train  # noqa: E402
@@ -107,13 +107,6 @@ def task_sets(tokenizer, tasks: list[str], n_test: int, digits: tuple[int, int],
 
 def runs_path(device: str, tag: str) -> Path:
     return RESULTS / f"continual{tag}-runs-{'cpu' if device == 'cpu' else 'gpu'}.csv"
-
-
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
 
 
 def append_row(path: Path, row: dict, fields: list[str]) -> None:

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, pyplot  # noqa: E402
+from common import RESULTS, environment, pyplot, read_rows  # noqa: E402
 
 import dowser  # noqa: E402
 from dowser.finetune import evaluate, freeze_outside, hscore, train  # noqa: E402
@@ -175,13 +175,6 @@ FIELDS = ["config", "method", "rho", "probe", "layers", "lr", "seed", "steps", "
 
 def runs_path(device: str, tag: str = "") -> Path:
     return RESULTS / f"forgetting{tag}-runs-{'cpu' if device == 'cpu' else 'gpu'}.csv"
-
-
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
 
 
 def append_row(path: Path, row: dict) -> None:

@@ -109,9 +109,9 @@ def build_lora_masks(model: nn.Module, stats: ProbeStats | None = None, rho: flo
     dowser.MaskedAdamW(params, masks, model=model).
     """
     from dowser import __version__
-    from dowser._artifacts import model_identity
     from dowser._checks import check_rho
-    from dowser.masks import MaskSet, _check_method, _rule_factors  # masks.py imports this module
+    # masks.py imports this module at its end: import it here, not at the top
+    from dowser.masks import MaskSet, _check_method, _rule_factors, mask_metadata
     from dowser.ops import pack_mask
 
     rho = check_rho(rho)
@@ -158,12 +158,7 @@ def build_lora_masks(model: nn.Module, stats: ProbeStats | None = None, rho: flo
             key = pnames[id(prm)]
             masks[key] = pack_mask(on.contiguous().to(prm.device))
             shapes[key] = tuple(prm.shape)
-    meta: dict[str, Any] = {}
-    if stats is not None:
-        meta = {k: v for k, v in stats.metadata.items() if k != "roles"}
-        if "seed" in meta:
-            meta["probe_seed"] = meta.pop("seed")
-    meta.update(model_identity(model))
+    meta = mask_metadata(stats, model)
     meta.update({"method": f"{method}-lora", "select": "lowest", "seed": seed, "rho": rho,
                  "axis_fraction": p, "scope": "axis", "dowser_version": __version__})
     return MaskSet(masks, shapes, meta)

@@ -335,6 +335,18 @@ def _rule_factors(method: str, entry: ProbeEntry | None, d_out: int, d_in: int,
     return psi, entry.input_norms().to(dev, torch.float32)[None], ones
 
 
+def mask_metadata(stats: Any, model: Any) -> dict[str, Any]:
+    """What every mask file records of how it was made: the probe's metadata (its seed as
+    probe_seed) and the model's identity."""
+    meta: dict[str, Any] = {}
+    if stats is not None:
+        meta = {k: v for k, v in stats.metadata.items() if k != "roles"}
+        if "seed" in meta:
+            meta["probe_seed"] = meta.pop("seed")
+    meta.update(model_identity(model))
+    return meta
+
+
 def build_masks(model: nn.Module, stats: ProbeStats | None = None, rho: float = 0.1, *,
                 scope: str = "matrix", method: str = "dowser", select: str = "lowest",
                 seed: int = 0, targets: Sequence[str] | None = None) -> MaskSet:
@@ -431,12 +443,7 @@ def build_masks(model: nn.Module, stats: ProbeStats | None = None, rho: float = 
         packed = ops.build_masks_global(layers, rho)
     else:
         packed = [ops.build_mask(w, o, i, rho, batch_weights=bw) for (w, o, i, bw) in layers]
-    meta: dict[str, Any] = {}
-    if stats is not None:
-        meta = {k: v for k, v in stats.metadata.items() if k != "roles"}
-        if "seed" in meta:
-            meta["probe_seed"] = meta.pop("seed")
-    meta.update(model_identity(model))
+    meta = mask_metadata(stats, model)
     meta.update({"method": method, "select": select, "seed": seed, "rho": rho, "scope": scope,
                  "dowser_version": __version__, "modules": dict(zip(names, names_m))})
     return MaskSet(dict(zip(names, packed)), shapes, meta, samples)

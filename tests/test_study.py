@@ -211,8 +211,10 @@ def test_new_curves_run_end_to_end_on_a_tiny_llama(study, config, tmp_path):
     st.down_test, st.down_val, st.train_examples = study.task_sets("facts", tok, 1, 6, 6)
     st.zero = {"acc": 0.0, "ce": 0.0}
     st.cache = tmp_path
+    st.meter = dowser.ForgettingMeter(model, st.dm.probe_tokenizer, n_samples=2, max_tokens=8, seed=0)
     row = st.run(config, 2, study.CONFIGS[config][3][-1], 0)
     assert row["frozen_changed"] == 0 and len(row["A_down_curve"].split()) == 2
+    assert float(row["meter_kl_se"]) >= 0 and 0 <= float(row["meter_agree"]) <= 1  # every grid's rows
     if config == "Dowser-LoRA 0.5":
         assert row["mask_method"] == "dowser-lora"
         # per LoRA layer: ~p of lora_B's rows and of lora_A's columns, r = LORA_RANKS entries each

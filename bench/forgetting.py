@@ -739,6 +739,17 @@ def apply_grid(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """"K/N" -> (K, N), 0 <= K < N; anything else is a one-line usage error."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard {text}: expected K/N, e.g. 0/2") from None
+    if not 0 <= k < n:
+        raise SystemExit(f"--shard {text}: K must be in 0..N-1")
+    return k, n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depths", type=int, nargs="+", default=[30, 8], help="tuned layers per regime, headline first")
@@ -764,6 +775,9 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="keep the runs CSV and skip runs already in it")
     ap.add_argument("--report", action="store_true", help="only rebuild table, t-tests and plot from the CSV")
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    ap.add_argument("--shard", default=None, metavar="K/N",
+                    help="do only the K-th of every N runs still to do (N processes share the CSV: "
+                         "rows are appended whole; a last run without --shard picks up the third seeds)")
     ap.add_argument("--model", choices=["smollm2", "tiny", "gemma3"], default="smollm2",
                     help="tiny: the built-in 4-layer model (use --depths 4 2 --tag=-tiny)")
     ap.add_argument("--grid", choices=list(GRIDS), default=None,
@@ -783,6 +797,7 @@ def main() -> None:
     if args.lr_scale != 1.0:
         for c, (m, rho, probe, lrs) in list(CONFIGS.items()):
             CONFIGS[c] = (m, rho, probe, tuple(float(f"{lr * args.lr_scale:.0e}") for lr in lrs))
+    shard = parse_shard(args.shard) if args.shard else None
     path = runs_path(args.device, args.tag)
     if args.report:
         report(path, args)
@@ -798,6 +813,8 @@ def main() -> None:
     if not any(r["config"] == "zero-shot" for r in rows):
         append_row(path, study.zero_shot_row())
     todo, total = grid(rows, args.depths, args.seeds, args.third_seed, args.configs)
+    if shard is not None:
+        todo = todo[shard[0]::shard[1]]
     new = 0
     for config, layers, lr, seed in todo:
         rows = read_rows(path)

@@ -497,14 +497,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib.util
     import subprocess
 
+    if args.json:  # the user's own arguments first, before where the suite lives
+        _check_output(args.json, "--json")
     bench = _bench_dir()
     if bench is None:
         raise UsageError("the benchmark suite lives in the source checkout's bench/ folder: run "
                          "from a clone (pip install -e \".[test]\") or cd into one")
     if importlib.util.find_spec("pytest_benchmark") is None:
         raise UsageError("pytest-benchmark is not installed: pip install pytest-benchmark")
-    if args.json:
-        _check_output(args.json, "--json")
     root = os.path.dirname(bench)
     # default: a scratch name; report.py copies it to suite-<machine>.json beside the tables
     json_out = os.path.abspath(args.json) if args.json else os.path.join(

@@ -27,6 +27,19 @@ def _pytest(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _report():
+    """bench/report.py, imported from the clone (skipped where the tests run outside it)."""
+    from tests.conftest import source_path
+
+    bench = str(source_path("bench", "report.py").parent)
+    sys.path.insert(0, bench)
+    try:
+        import report
+    finally:
+        sys.path.remove(bench)
+    return report
+
+
 def test_default_run_does_not_collect_the_benchmarks():
     from tests.conftest import source_path
 
@@ -54,11 +67,7 @@ def test_bad_cpu_path_is_one_line():
 
 
 def test_one_tiny_case_runs_and_renders(tmp_path):
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import report
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    report = _report()
     out_json = tmp_path / "tiny.json"
     out = _pytest("bench/test_bench_ops.py", "--quick", "--benchmark-only", "--cpu-paths=default",
                   "-k", "test_pack_dowser and not unpack", f"--benchmark-json={out_json}")
@@ -72,11 +81,7 @@ def test_one_tiny_case_runs_and_renders(tmp_path):
 
 
 def test_report_ratios_are_against_the_case_baseline():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import report
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    report = _report()
 
     def bench(name, median, minimum, **info):
         return {"name": name, "group": "g", "stats": {"median": median, "min": minimum, "rounds": 3},

@@ -56,6 +56,17 @@ def test_grid_order_size_and_resume(study):
     assert len(left) == total - 1 and ("LoRA", 30, study.CONFIGS["LoRA"][3][1], 0) not in left
 
 
+def test_shards_split_the_runs_left_without_overlap(study):
+    todo, _ = study.grid([], [30, 8], [0, 1], 2, list(study.CONFIGS))
+    k0, n = study.parse_shard("0/2")
+    k1, _ = study.parse_shard("1/2")
+    a, b = todo[k0::n], todo[k1::n]
+    assert not set(a) & set(b) and sorted(a + b, key=todo.index) == todo and abs(len(a) - len(b)) <= 1
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(SystemExit, match="--shard"):
+            study.parse_shard(bad)
+
+
 def test_best_lr_needs_every_seed_and_uses_validation_only(study):
     lrs = study.CONFIGS["full FT"][3]
     rows = [_row(study, "full FT", 30, lr, s, val_h=v, H=1.0 - v)

@@ -60,6 +60,14 @@ def extension_config():
     class TolerantBuildExtension(cpp_extension.BuildExtension):
         """A failed compile leaves dowser installable; import dowser reports the fallback."""
 
+        def finalize_options(self):
+            super().finalize_options()
+            if getattr(self, "editable_mode", False):
+                # setuptools builds an editable install in a new temporary folder each time,
+                # so every `pip install -e .` recompiled everything; a folder of the clone's
+                # own lets ninja recompile only what changed (it tracks flags and headers).
+                self.build_temp = str(HERE / "build" / f"temp-editable-{sys.implementation.cache_tag}")
+
         def build_extensions(self):
             # The whole step, not each extension: torch checks the compiler (runs `$CXX
             # --version`) before it builds any, and that raises when there is no compiler.

@@ -178,8 +178,8 @@ def run_demo(model: str = "auto", rho: float = 0.5, steps: int | None = None, se
     always 0) and probe_s. The probe is the study's: `n_samples` data-free prompts of
     `probe_len` tokens, `n_rademacher` draws each. `full=True` trains twice as long and
     evaluates on twice the data (docs/study.md); `quick=True` is a smoke run (about an eighth
-    of the steps, a quarter of the data, a smaller probe: checks the install, measures
-    nothing); `plot` is where the picture goes (None: none).
+    of the steps, a quarter of the data, a smaller probe and meter: checks the install,
+    measures nothing); `plot` is where the picture goes (None: none).
     """
     import dowser
     from dowser.probe import decoder_layers
@@ -210,7 +210,8 @@ def run_demo(model: str = "auto", rho: float = 0.5, steps: int | None = None, se
           f"{steps} steps of batch 8 at lr {lr:g} for every method; rho={rho}")
     zero = evaluate(dm.model, up, test_ex, dm.pad_id, progress=progress)
     # the data-free forgetting meter (docs/forgetting.md): the base writes its texts once
-    meter = dowser.ForgettingMeter(dm.model, dm.probe_tokenizer, n_samples=32, max_tokens=64, seed=seed)
+    meter = dowser.ForgettingMeter(dm.model, dm.probe_tokenizer, n_samples=8 if quick else 32,
+                                   max_tokens=32 if quick else 64, seed=seed)
     rows = [{"method": "zero-shot", "trainable": 0, "seconds": 0.0, "A_down_curve": [], **zero,
              "dA_up": 0.0, "dCE_up": 0.0, **_meter_cols(meter, dm.model)}]
     checkpoints = [max(1, round(steps * q / 4)) for q in (1, 2, 3, 4)]

@@ -116,7 +116,9 @@ def score_key(s):
     """Order-preserving uint32 key of fp32 scores; -0.0 ranks as +0.0."""
     s = tl.where(s == 0.0, 0.0, s)
     bits = s.to(tl.uint32, bitcast=True)
-    return tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+    # bits ^ 0xFFFFFFFF, not ~bits: Triton 3.6's interpreter computes ~ as a XOR with -1, which
+    # numpy 2 refuses for uint32 (the compiled kernel is the same either way)
+    return tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
 
 
 @triton.jit(do_not_specialize=RUNTIME_INTS)

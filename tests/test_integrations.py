@@ -108,6 +108,18 @@ def test_trainer_llava_frozen_entries_and_resume(tmp_path, prepared_llava):
     for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), f"{name}: resume is not bit-exact"
 
+    # a resume with other masks is refused, also when the checkpoint goes to train() only
+    other = dowser.build_masks(init, method="random", rho=0.2, seed=7,
+                               targets=[n[: -len(".weight")] for n in masks])
+    again = type(init).from_pretrained(str(ckpt))
+    for (name, p), q in zip(init.named_parameters(), again.parameters()):
+        q.requires_grad_(p.requires_grad)
+    refused = transformers.Trainer(model=again, args=_args(tmp_path, 6), train_dataset=ds,
+                                   optimizers=(masked_optimizer(again, other, _args(tmp_path, 6)), None),
+                                   callbacks=[DowserCallback(other)])
+    with pytest.raises(ValueError, match="different mask"):
+        refused.train(resume_from_checkpoint=str(ckpt))
+
 
 def test_callback_refuses_an_optimizer_that_moves_frozen_entries(tmp_path, prepared_llava):
     init, masks = prepared_llava

@@ -67,6 +67,10 @@ class DowserCallback(TrainerCallback):
                 raise ValueError(f"DowserCallback: the model has no parameter {missing[0]!r} "
                                  "named by the masks")
         ckpt = getattr(args, "resume_from_checkpoint", None)
+        if not isinstance(ckpt, str) and state is not None and state.global_step > 0:
+            # train(resume_from_checkpoint=...) leaves args alone, but Trainer has restored the
+            # step by now and names its checkpoints output_dir/checkpoint-<step>
+            ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if isinstance(ckpt, str) and os.path.isfile(os.path.join(ckpt, MASKS_FILE)):
             self._check_same(os.path.join(ckpt, MASKS_FILE))
 

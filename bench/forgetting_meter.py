@@ -105,6 +105,27 @@ def disagreements(runs: list[dict], k: int = 6) -> list[str]:
     return out
 
 
+def method_gaps(runs: list[dict]) -> list[str]:
+    """Systematic disagreement per method: the mean of (meter rank - dCE_up rank) / n over its
+    runs, ranks taken within each regime. > 0: the meter reads more drift for the method than
+    the held-out text shows (it drifts on the base's own texts); < 0: the reverse."""
+    gaps: dict[tuple[int, str], list[float]] = {}
+    for L in sorted({int(r["layers"]) for r in runs}, reverse=True):
+        rs = [r for r in runs if int(r["layers"]) == L]
+        if len(rs) < 3:
+            continue
+        rk = _ranks([float(r["meter_kl"]) for r in rs])
+        rd = _ranks([float(r["dCE_up"]) for r in rs])
+        for r, a, b in zip(rs, rk, rd):
+            gaps.setdefault((L, r["config"]), []).append((a - b) / len(rs))
+    out = ["| layers | method | runs | mean rank gap (meter - dCE_up) / n | largest |", "|---|---|---|---|---|"]
+    order = list(COLORS)
+    for (L, c), g in sorted(gaps.items(), key=lambda kv: (-kv[0][0], order.index(kv[0][1])
+                                                           if kv[0][1] in order else 99)):
+        out.append(f"| {L} | {c} | {len(g)} | {statistics.mean(g):+.3f} | {max(g, key=abs):+.3f} |")
+    return out
+
+
 def _ranks(v: list[float]) -> list[float]:
     from scipy.stats import rankdata
 
@@ -128,15 +149,15 @@ def lr_table(runs: list[dict]) -> list[str]:
     return out
 
 
-def cost_line(runs: list[dict]) -> str:
+def cost_line(runs: list[dict], conditions: str = "") -> str:
     ms = [float(r["meter_s"]) for r in runs if r.get("meter_s")]
     st = [float(r["step_s"]) for r in runs if r.get("step_s")]
     if not ms or not st:
         return "cost: no timed runs yet"
     return (f"cost of one measurement: median {statistics.median(ms):.2f} s (min {min(ms):.2f}, max {max(ms):.2f}) "
             f"vs median training step {statistics.median(st):.2f} s (min {min(st):.2f}) over {len(ms)} runs: "
-            f"{statistics.median(ms) / statistics.median(st):.2f} steps per measurement "
-            "(shared 2-core CPU, other jobs running: noisy)")
+            f"{statistics.median(ms) / statistics.median(st):.2f} steps per measurement"
+            + (f" ({conditions})" if conditions else ""))
 
 
 def plot(runs: list[dict], depths: list[int], out: Path) -> Path | None:
@@ -174,6 +195,9 @@ def main() -> None:
     ap.add_argument("--depths", type=int, nargs="+", default=[30, 8])
     ap.add_argument("--total", type=int, default=126, help="runs in the whole grid (for the done count)")
     ap.add_argument("--out", default="forgetting-meter-analysis-cpu", help="name of the .md/.png in bench/results (not forgetting-meter-cpu: bench/forgetting.py --tag=-meter writes that)")
+    ap.add_argument("--conditions", default="2 study workers of 1 torch thread each on this 2-core CPU; "
+                    "the first 7 runs beside CI jobs",
+                    help="how the timed runs ran, printed next to the cost")
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/forgetting.md")
     args = ap.parse_args()
     path = Path(args.csv)
@@ -183,7 +207,7 @@ def main() -> None:
     lines = [f"- runs CSV: `{os.path.relpath(path, RESULTS.parent.parent)}`: {len(runs)} of {args.total} runs "
              "of the grid measured" + (f"; zero-shot meter KL {float(zero[0]['meter_kl']):.4g} (must be 0)"
                                        if zero and zero[0].get("meter_kl") else ""),
-             f"- {cost_line(runs)}", ""]
+             f"- {cost_line(runs, args.conditions)}", ""]
     if runs:
         lines += ["Spearman rank correlation over runs (95% bootstrap interval, 2000 resamples of the runs). "
                   "More forgetting is a larger dCE_up and a more negative dA_up, so agreement reads as "
@@ -191,6 +215,9 @@ def main() -> None:
         lines += corr_rows(runs, args.depths)
         lines += ["", "Runs where the meter's rank and the dCE_up rank differ most (within their regime):", ""]
         lines += disagreements(runs)
+        lines += ["", "Per method: does the meter read systematically more (> 0) or less (< 0) drift than "
+                  "the held-out text shows? Mean rank gap within the regime, as a fraction of its runs:", ""]
+        lines += method_gaps(runs)
         lines += ["", "Meter and held-out forgetting per method and learning rate (mean over seeds):", ""]
         lines += lr_table(runs)
     png = plot(runs, args.depths, RESULTS / f"{args.out}.png") if runs else None

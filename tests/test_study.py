@@ -261,3 +261,36 @@ def test_report_joins_the_curves_of_another_grid_of_the_same_budget(study, tmp_p
     assert "joined from `forgetting-runs-cpu.csv`" in note and "not joined: `forgetting-other-runs-cpu.csv`" in note
     args = study.apply_grid(argparse.Namespace(grid="lora-fair", join_tags=[]), ["--grid", "lora-fair"])
     assert args.join_tags == [""]
+
+
+@pytest.fixture(scope="module")
+def meter_analysis(study):
+    pytest.importorskip("scipy")
+    from tests.conftest import source_path
+
+    spec = importlib.util.spec_from_file_location("forgetting_meter_analysis",
+                                                  source_path("bench", "forgetting_meter.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_meter_analysis_spearman_interval_and_gaps(meter_analysis):
+    """bench/forgetting_meter.py: Spearman with tied ranks as scipy's, nan where undefined, a
+    bootstrap interval around it, and the per-method rank gap computed by hand."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    m = meter_analysis
+    x = np.array([0.1, 0.4, 0.4, 0.9, 2.0, 0.3])
+    y = np.array([0.0, 0.2, 0.1, 0.5, 1.1, 0.3])
+    assert m.spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+    assert np.isnan(m.spearman(x[:2], y[:2])) and np.isnan(m.spearman(x, np.ones(6)))
+    lo, hi = m.bootstrap_ci(x, y, n_boot=200)
+    assert -1 <= lo <= m.spearman(x, y) <= hi <= 1
+    # three runs in one regime: the meter swaps the last two, so their gaps are -1/3 and +1/3
+    runs = [{"layers": "30", "config": c, "meter_kl": k, "dCE_up": d}
+            for c, k, d in (("full FT", "0.1", "0.1"), ("LoRA", "0.5", "0.9"), ("random 0.5", "0.9", "0.5"))]
+    table = "\n".join(m.method_gaps(runs))
+    assert "| 30 | full FT | 1 | +0.000 |" in table
+    assert "| 30 | LoRA | 1 | -0.333 |" in table and "| 30 | random 0.5 | 1 | +0.333 |" in table

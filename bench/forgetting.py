@@ -445,6 +445,7 @@ def report(path: Path, args: argparse.Namespace) -> None:
     _, total = grid([], args.depths, args.seeds, args.third_seed, configs)
     required = {run_key(c, L, lr, s) for (c, L, lr, s) in grid([], args.depths, args.seeds, None, configs)[0]}
     done_sweep = len(required & {row_key(r) for r in runs})
+    own = set(configs)  # the grid's own curves: joined curves do not count towards "grid done"
     joined, join_note = joined_rows(args, runs, configs)
     runs += joined
     configs = list(dict.fromkeys(configs + [r["config"] for r in joined]))
@@ -467,7 +468,7 @@ def report(path: Path, args: argparse.Namespace) -> None:
                 note = "sweep incomplete"
             else:
                 note = ""
-                done_third += sum(1 for r in picked if int(r["seed"]) == args.third_seed)
+                done_third += sum(1 for r in picked if c in own and int(r["seed"]) == args.third_seed)
             best[(c, layers)] = picked
             get = lambda m: [float(r[m]) for r in picked]  # noqa: E731
             table.append({"layers": layers, "method": c, "best lr": f"{b:.0e}", "n": len(picked),
@@ -810,7 +811,8 @@ def main() -> None:
         raise SystemExit(f"{path} holds runs of another budget ({_budget(rows)}), not {wanted}: "
                          "one CSV is one budget (use --tag for another)")
     study = Study(args)
-    if not any(r["config"] == "zero-shot" for r in rows):
+    # One zero-shot row per CSV: shards start together, so only the first shard writes it.
+    if (shard is None or shard[0] == 0) and not any(r["config"] == "zero-shot" for r in read_rows(path)):
         append_row(path, study.zero_shot_row())
     todo, total = grid(rows, args.depths, args.seeds, args.third_seed, args.configs)
     if shard is not None:

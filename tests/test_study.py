@@ -294,3 +294,30 @@ def test_meter_analysis_spearman_interval_and_gaps(meter_analysis):
     table = "\n".join(m.method_gaps(runs))
     assert "| 30 | full FT | 1 | +0.000 |" in table
     assert "| 30 | LoRA | 1 | -0.333 |" in table and "| 30 | random 0.5 | 1 | +0.333 |" in table
+
+
+def test_report_counts_only_its_own_curves_as_grid_done(study, tmp_path, monkeypatch):
+    """A grid that joins another grid's curves (lora-fair) reports its own progress: joined runs,
+    third seeds included, are tabled but not counted as this grid's runs."""
+    monkeypatch.setattr(study, "RESULTS", tmp_path)
+    monkeypatch.setattr(study, "plot", lambda *a: None)
+    monkeypatch.setattr(study, "DOCS", tmp_path / "absent.md")
+
+    def sweep(config, best):
+        rows = [_row(study, config, 30, lr, s, val_h=0.5 if lr == best else 0.2, steps=48, batch=8)
+                for lr in study.CONFIGS[config][3] for s in (0, 1)]
+        return rows + [_row(study, config, 30, best, 2, val_h=0.5, steps=48, batch=8)]
+
+    for name, rows in (("forgetting-lora-runs-cpu.csv", sweep("LoRA r8", study.CONFIGS["LoRA r8"][3][1])),
+                       ("forgetting-runs-cpu.csv", sweep("dowser df 0.5", study.CONFIGS["dowser df 0.5"][3][0]))):
+        with open(tmp_path / name, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=study.FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    args = argparse.Namespace(depths=[30], seeds=[0, 1], third_seed=2, device="cpu", tag="-lora", steps=48,
+                              model="smollm2", task="cipher", grid="lora-fair", configs=["LoRA r8"],
+                              join_tags=[""], every=8)
+    study.report(tmp_path / "forgetting-lora-runs-cpu.csv", args)
+    md = (tmp_path / "forgetting-lora-cpu.md").read_text()
+    assert "grid done: 7 of 7 required runs (6 of 6 sweep runs, 1 of 1 3rd-seed runs)" in md
+    assert "| 30 | dowser df 0.5 | 1e-04 | 3 |" in md  # the joined curve is still tabled

@@ -41,7 +41,9 @@ def _row(study, config, layers, lr, seed, val_h, **kw):
 def test_grid_order_size_and_resume(study):
     configs = list(study.CONFIGS)
     todo, total = study.grid([], [30, 8], [0, 1], 2, configs)
-    assert total == 2 * len(configs) * (3 * 2 + 1) == len(todo)
+    assert total == 2 * sum(len(study.CONFIGS[c][3]) * 2 + 1 for c in configs) == len(todo)
+    assert len(set(todo)) == len(todo) and {t[2] for t in todo if t[0] == "Dowser-LoRA 0.5"} - {None} == \
+        set(study.CONFIGS["Dowser-LoRA 0.5"][3])  # every lr of a 4-lr sweep, once per seed
     # headline depth first; the middle lr of every method before the others; seed 0 before 1
     assert all(t[1] == 30 for t in todo[: total // 2]) and all(t[1] == 8 for t in todo[total // 2:])
     first = todo[: len(configs)]
@@ -159,7 +161,7 @@ def test_grid_presets_name_real_configs_and_fair_lora_ranges(study):
         assert g["model"] in study.MODEL_NAMES and g["task"] in study.TASK_NAMES, name
         assert all(c in study.CONFIGS for c in g["configs"]), name
         todo, total = study.grid([], g["depths"], [0, 1], 2, g["configs"])
-        assert total == len(todo) == len(g["depths"]) * len(g["configs"]) * 7
+        assert total == len(todo) == len(g["depths"]) * sum(len(study.CONFIGS[c][3]) * 2 + 1 for c in g["configs"])
     assert study.GRIDS["cipher"]["configs"] == study.BASE_CONFIGS  # the default grid is unchanged
     lora = [c for c in study.CONFIGS if study.CONFIGS[c][0] in ("lora", "dowser-lora") and c != "LoRA"]
     assert {study.LORA_RANKS[c] for c in lora} >= {8, 32}

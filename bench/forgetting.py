@@ -817,7 +817,7 @@ def main() -> None:
                          "one CSV is one budget (use --tag for another)")
     study = Study(args)
     # One zero-shot row per CSV: shards start together, so only the first shard writes it.
-    if (shard is None or shard[0] == 0) and not any(r["config"] == "zero-shot" for r in read_rows(path)):
+    if (shard is None or shard[0] == 0) and not any(r["config"] == "zero-shot" for r in rows):
         append_row(path, study.zero_shot_row())
     todo, total = grid(rows, args.depths, args.seeds, args.third_seed, args.configs)
     if shard is not None:

@@ -43,7 +43,7 @@ def test_grid_order_size_and_resume(study):
     todo, total = study.grid([], [30, 8], [0, 1], 2, configs)
     assert total == 2 * sum(len(study.CONFIGS[c][3]) * 2 + 1 for c in configs) == len(todo)
     assert len(set(todo)) == len(todo) and {t[2] for t in todo if t[0] == "Dowser-LoRA 0.5"} - {None} == \
-        set(study.CONFIGS["Dowser-LoRA 0.5"][3])  # every lr of a 4-lr sweep, once per seed
+        set(study.CONFIGS["Dowser-LoRA 0.5"][3])  # every lr of a sweep longer than 3, once per seed
     # headline depth first; the middle lr of every method before the others; seed 0 before 1
     assert all(t[1] == 30 for t in todo[: total // 2]) and all(t[1] == 8 for t in todo[total // 2:])
     first = todo[: len(configs)]

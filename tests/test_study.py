@@ -238,9 +238,12 @@ def test_new_curves_run_end_to_end_on_a_tiny_llama(study, config, tmp_path):
 def test_grid_preset_fills_only_what_the_command_line_left(study):
     argv = ["--grid", "gemma3", "--depths", "6", "--tag=-g6"]
     args = argparse.Namespace(grid="gemma3", model="smollm2", task="cipher", depths=[6], configs=study.BASE_CONFIGS,
-                              tag="-g6")
+                              tag="-g6", lr_scale=1.0)
     study.apply_grid(args, argv)
     assert args.model == "gemma3" and args.depths == [6] and args.tag == "-g6"
+    assert args.lr_scale == 0.1  # Gemma3 sweeps a tenth of SmolLM2's lrs...
+    given = argparse.Namespace(grid="gemma3", lr_scale=0.3)
+    assert study.apply_grid(given, ["--grid", "gemma3", "--lr-scale", "0.3"]).lr_scale == 0.3  # ...unless told
     assert args.configs == study.GRIDS["gemma3"]["configs"] and args.configs is not study.GRIDS["gemma3"]["configs"]
     plain = argparse.Namespace(grid=None, model="smollm2", configs=study.BASE_CONFIGS)
     assert study.apply_grid(plain, []).model == "smollm2"
@@ -323,3 +326,35 @@ def test_report_counts_only_its_own_curves_as_grid_done(study, tmp_path, monkeyp
     md = (tmp_path / "forgetting-lora-cpu.md").read_text()
     assert "grid done: 7 of 7 required runs (6 of 6 sweep runs, 1 of 1 3rd-seed runs)" in md
     assert "| 30 | dowser df 0.5 | 1e-04 | 3 |" in md  # the joined curve is still tabled
+
+
+def test_sign_step_moves_only_its_group_along_the_gradient():
+    """bench/sign_step.py (why the Gemma3 grid sweeps smaller lrs): the gradient step lowers the
+    batch's loss, a random step of the same size does not, each group moves only its weights,
+    and the model it is given stays untouched."""
+    from tests.conftest import source_path
+    from tests.models import tiny_llama
+
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("sign_step", source_path("bench", "sign_step.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from dowser.tasks import Example, collate
+
+    model = tiny_llama(n_layers=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    up = torch.randint(3, 97, (2, 16), generator=gen)
+    examples = [Example(torch.randint(3, 97, (5,), generator=gen).tolist(),
+                        torch.randint(3, 97, (3,), generator=gen).tolist()) for _ in range(4)]
+    rows = mod.sign_step_rows(model, up, collate(examples, 0), steps=[3e-3])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert len(rows) == 1 + 2 * len(mod.GROUPS) and rows[0]["group"] == "none"
+    base = rows[0]["loss_after"]
+    by = {(r["group"], r["direction"]): r for r in rows[1:]}
+    for group in mod.GROUPS:
+        assert by[group, "gradient"]["loss_after"] < base - 1e-4, group  # first order: -step * |g|_1
+    assert by["all linear", "gradient"]["loss_after"] < by["all linear", "random"]["loss_after"]
+    names = mod.linear_weights(model, mod.GROUPS["down_proj"])
+    assert names == [f"model.layers.{i}.mlp.down_proj.weight" for i in range(2)]
+    assert len(mod.linear_weights(model, mod.GROUPS["all linear"])) == 14

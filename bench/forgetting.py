@@ -688,7 +688,7 @@ def plot(runs: list[dict], zero: list[dict], args: argparse.Namespace) -> Path |
             _pareto(ax, runs, zero, layers, args, zoom)
     if axes[0][0].lines:
         axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"{MODEL_NAMES[args.model]}: learning vs forgetting, one point per learning rate (mean over seeds)")
+    fig.suptitle(f"{MODEL_NAMES[args.model]}: learning vs forgetting,\none point per learning rate (mean over seeds)")
     fig.tight_layout()
     out = RESULTS / f"forgetting{args.tag}-{'cpu' if args.device == 'cpu' else 'gpu'}.png"
     fig.savefig(out, dpi=120)

@@ -102,8 +102,8 @@ GRIDS: dict[str, dict] = {
                    configs=["full FT", "LoRA r8", "LoRA r32", "random 0.5", "magnitude 0.5", "wanda 0.5",
                             "dowser df 0.5", "random 0.1", "magnitude 0.1", "wanda 0.1", "dowser df 0.1"],
                    # a tenth of SmolLM2's lrs: one Adam step of 3e-4 along the cipher's gradient
-                   # sign takes Gemma3's upstream CE from 3.71 to 6.91 (docs/study.md), so the
-                   # SmolLM2 ranges would sweep only collapsed runs.
+                   # sign takes Gemma3's upstream CE from 3.71 to 6.91 (docs/study.md), so most of
+                   # the SmolLM2 ranges would sweep collapsed runs.
                    tag="-gemma3", lr_scale=0.1),
 }
 

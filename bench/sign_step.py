@@ -51,9 +51,9 @@ def sign_step_rows(model: torch.nn.Module, up: torch.Tensor, batch: dict[str, to
     base = upstream_metrics(model, up)
     rows = [dict(group="none", direction="", step=0.0, A_up=base["acc"], CE_up=base["ce"], dCE_up=0.0,
                  loss_after=float(loss.detach()))]
+    members = {group: set(linear_weights(model, keys)) for group, keys in groups.items()}
     for step in steps:
-        for group, keys in groups.items():
-            names = set(linear_weights(model, keys))
+        for group, names in members.items():
             for direction in ("random", "gradient"):
                 net = copy.deepcopy(model)
                 gen = torch.Generator().manual_seed(seed)

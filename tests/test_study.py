@@ -15,16 +15,21 @@ import dowser
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-@pytest.fixture(scope="module")
-def study():
+def _bench_module(script: str, name: str):
+    """bench/<script> imported as module `name` (skipped where the tests run outside the clone)."""
     from tests.conftest import source_path
 
-    source_path("bench", "forgetting.py")
+    path = source_path("bench", script)
     sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("forgetting_study", BENCH / "forgetting.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def study():
+    return _bench_module("forgetting.py", "forgetting_study")
 
 
 def _row(study, config, layers, lr, seed, val_h, **kw):
@@ -271,13 +276,7 @@ def test_report_joins_the_curves_of_another_grid_of_the_same_budget(study, tmp_p
 @pytest.fixture(scope="module")
 def meter_analysis(study):
     pytest.importorskip("scipy")
-    from tests.conftest import source_path
-
-    spec = importlib.util.spec_from_file_location("forgetting_meter_analysis",
-                                                  source_path("bench", "forgetting_meter.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _bench_module("forgetting_meter.py", "forgetting_meter_analysis")
 
 
 def test_meter_analysis_spearman_interval_and_gaps(meter_analysis):
@@ -332,14 +331,10 @@ def test_sign_step_moves_only_its_group_along_the_gradient():
     """bench/sign_step.py (why the Gemma3 grid sweeps smaller lrs): the gradient step lowers the
     batch's loss, a random step of the same size does not, each group moves only its weights,
     and the model it is given stays untouched."""
-    from tests.conftest import source_path
+    from dowser.tasks import Example, collate
     from tests.models import tiny_llama
 
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("sign_step", source_path("bench", "sign_step.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    from dowser.tasks import Example, collate
+    mod = _bench_module("sign_step.py", "sign_step")
 
     model = tiny_llama(n_layers=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
